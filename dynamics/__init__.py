@@ -1,0 +1,31 @@
+"""dpo-dynamics: exact simulation of last-layer DPO learning dynamics.
+
+Im & Li, "Understanding the Learning Dynamics of Alignment with Human
+Feedback", ICML 2024 (arXiv:2403.18742). The model and claims are restated in
+THEORY.md (shared spec) and derived in docs/theory.md.
+
+Data flow: distribution → dynamics (population or empirical) → metrics.
+"""
+from .distributions import Components, GaussianPreference, diagonal_cov, isotropic_cov, priority_gap
+from .empirical import METRICS, EmpiricalTrajectory, empirical_trajectory, trajectory_on_data
+from .gaussian_integrals import sigmoid_family_expectations
+from .head import Head
+from .losses import LOSSES, expected_loss_terms, loss_fn, loss_grad_fn
+from .population import (
+    PopulationTrajectory,
+    gaussian_accuracy,
+    population_gradient,
+    population_loss,
+    population_metrics,
+    population_trajectory,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianPreference", "Components", "Head", "isotropic_cov", "diagonal_cov", "priority_gap",
+    "LOSSES", "loss_fn", "loss_grad_fn", "expected_loss_terms", "sigmoid_family_expectations",
+    "population_trajectory", "PopulationTrajectory", "population_loss", "population_gradient",
+    "population_metrics", "gaussian_accuracy",
+    "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS",
+]

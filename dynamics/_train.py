@@ -1,0 +1,71 @@
+"""Shared training machinery for the population and empirical layers."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._checks import check_int, check_positive
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_optimizer(optimizer, lr) -> optax.GradientTransformation:
+    """``None``/"sgd" → ``optax.sgd(lr)`` (plain GD/SGD); "momentum" → heavy ball
+    0.9; "adam" → ``optax.adam(lr)``; an ``optax.GradientTransformation`` is used
+    as is (``lr`` ignored).
+
+    Only sign-equivariant optimizers without weight decay keep the full head
+    and the reduced δ form equal (THEORY.md §1); SGD, momentum and Adam are.
+    """
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if optimizer is None or optimizer == "sgd":
+        return optax.sgd(lr)
+    if optimizer == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if optimizer == "adam":
+        return optax.adam(lr)
+    from ._checks import check_choice
+
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    raise AssertionError  # unreachable
+
+
+def check_schedule(steps, record_every, lr, optimizer) -> tuple[int, int]:
+    steps = check_int("steps", steps, minimum=0)
+    record_every = check_int("record_every", record_every, minimum=1)
+    if steps % record_every:
+        raise ValueError(
+            f"steps={steps} is not a multiple of record_every={record_every}; "
+            "pick steps = k * record_every"
+        )
+    if not isinstance(optimizer, optax.GradientTransformation):
+        if lr is None:
+            raise ValueError("lr is required unless optimizer is an optax.GradientTransformation")
+        check_positive("lr", lr)
+    return steps, record_every
+
+
+def run_recorded(step_fn, record_fn, carry, steps: int, record_every: int):
+    """Run ``steps`` steps of ``step_fn``; record ``record_fn`` at steps 0, r, 2r, …, steps.
+
+    Returns ``(final_carry, records)`` with records stacked on a leading
+    ``(steps // record_every + 1,)`` axis.
+    """
+    rec0 = record_fn(carry)
+
+    def outer(c, _):
+        c = jax.lax.fori_loop(0, record_every, lambda i, cc: step_fn(cc), c)
+        return c, record_fn(c)
+
+    carry, recs = jax.lax.scan(outer, carry, None, length=steps // record_every)
+    recs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b], axis=0), rec0, recs)
+    return carry, recs
+
+
+def segment_mean(values, segment_ids, num_segments):
+    """Mean of ``values (n,)`` per segment → ``(num_segments,)``; NaN where empty."""
+    tot = jax.ops.segment_sum(values, segment_ids, num_segments)
+    cnt = jax.ops.segment_sum(jnp.ones_like(values), segment_ids, num_segments)
+    return jnp.where(cnt > 0, tot / jnp.where(cnt > 0, cnt, 1.0), jnp.nan)

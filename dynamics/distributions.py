@@ -1,0 +1,379 @@
+"""Preference distributions: K behaviours, each a pair of class-conditional laws.
+
+``x | (k, s=+1) ~ N(μ_k⁺, Σ_k⁺)`` and ``x | (k, s=−1) ~ N(μ_k⁻, Σ_k⁻)``; behaviour
+``k`` has weight ``ω_k`` (Σω = 1) and probability ``p_k`` that its preferred
+answer is ``a`` ("Yes", ``s = +1``). THEORY.md §2.
+
+The analytic layer works with ``z = s x``, a mixture over the ``2K``
+components ``c = (k, s)`` (:meth:`GaussianPreference.components`).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ._checks import check_finite, check_in_range, check_int, check_positive, is_concrete
+
+__all__ = [
+    "GaussianPreference",
+    "Components",
+    "isotropic_cov",
+    "diagonal_cov",
+    "priority_gap",
+]
+
+_NPZ_KEYS = ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight")
+
+
+def _float(x):
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def isotropic_cov(sigma, d: int, k: int | None = None):
+    """``σ² I_d`` covariance, shape ``(d, d)``, or ``(K, d, d)`` when ``k`` is given.
+
+    ``sigma`` may be a scalar or, with ``k``, shape ``(K,)`` (one σ per behaviour).
+    """
+    sigma = _float(sigma)
+    eye = jnp.eye(d, dtype=sigma.dtype)
+    if k is None:
+        return sigma**2 * eye
+    return jnp.broadcast_to(sigma, (k,))[:, None, None] ** 2 * eye
+
+
+def diagonal_cov(variances):
+    """Diagonal covariance from variances ``(..., d)`` → ``(..., d, d)``."""
+    v = _float(variances)
+    return v[..., :, None] * jnp.eye(v.shape[-1], dtype=v.dtype)
+
+
+def priority_gap(b):
+    """Priority-gap matrix of preference directions ``b (K, d)`` → ``(K, K)``.
+
+    ``gap_ij = (b_i − b_j)ᵀ b̄ / (‖b̄‖ · max(‖b_i‖, ‖b_j‖))`` with
+    ``b̄ = (b_i + b_j)/2`` (THEORY.md §2, the authors' definition). Positive
+    ``gap_ij`` predicts behaviour ``i`` is learned before ``j`` (claim C4).
+    Diagonal entries are 0.
+    """
+    b = _float(b)
+    bi, bj = b[:, None, :], b[None, :, :]
+    bbar = (bi + bj) / 2.0
+    num = jnp.sum((bi - bj) * bbar, axis=-1)
+    nb = jnp.linalg.norm(b, axis=-1)
+    den = jnp.linalg.norm(bbar, axis=-1) * jnp.maximum(nb[:, None], nb[None, :])
+    gap = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    return gap * (1.0 - jnp.eye(b.shape[0], dtype=gap.dtype))
+
+
+class Components(NamedTuple):
+    """The ``2K`` Gaussian components of ``z = s x`` (component ``2k`` is ``s=+1``).
+
+    weight ``(2K,)`` = π_c; mean ``(2K, d)`` = m_c = s μ_k^s; cov ``(2K, d, d)``;
+    behavior ``(2K,)`` int; sign ``(2K,)`` ∈ {+1, −1}.
+    """
+
+    weight: jax.Array
+    mean: jax.Array
+    cov: jax.Array
+    behavior: jax.Array
+    sign: jax.Array
+
+
+@struct.dataclass
+class GaussianPreference:
+    """K behaviours of Gaussian class-conditional prompt embeddings (a pytree).
+
+    Attributes:
+      mu_pos: ``(K, d)`` mean of ``x`` when the preferred answer is ``a`` (s = +1).
+      mu_neg: ``(K, d)`` mean of ``x`` when the preferred answer is ``b`` (s = −1).
+      cov_pos, cov_neg: ``(K, d, d)`` symmetric PSD covariances.
+      p_pos: ``(K,)`` probability that behaviour k's preferred answer is ``a``.
+      weight: ``(K,)`` behaviour weights ω_k, summing to 1.
+      names: behaviour names (static, not a leaf).
+
+    All array fields are leaves, so ``jax.vmap`` maps over stacked
+    distributions (leading axis on every field). Build with :meth:`create`,
+    :meth:`single` or :meth:`from_angles` (they validate); a distribution built
+    directly is validated by the public dynamics entry points.
+    Source: THEORY.md §2.
+    """
+
+    mu_pos: jax.Array
+    mu_neg: jax.Array
+    cov_pos: jax.Array
+    cov_neg: jax.Array
+    p_pos: jax.Array
+    weight: jax.Array
+    names: tuple = struct.field(pytree_node=False, default=())
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def create(cls, mu_pos, mu_neg, cov_pos, cov_neg=None, p_pos=0.5, weight=None, names=None):
+        """Validated constructor with broadcasting.
+
+        ``mu_pos``/``mu_neg``: ``(K, d)`` (or ``(d,)`` for K = 1). Covariances may be
+        a scalar variance, ``(d,)`` / ``(K, d)`` variances (diagonal) or full
+        ``(d, d)`` / ``(K, d, d)``; ``cov_neg`` defaults to ``cov_pos``.
+        ``p_pos`` scalar or ``(K,)``; ``weight`` defaults to uniform.
+
+        Raises:
+          ValueError: naming the field for a shape mismatch, a covariance that
+            is not symmetric PSD, ``p_pos`` outside [0, 1], weights that are
+            negative or do not sum to 1, or NaN/inf anywhere.
+        """
+        mu_pos, mu_neg = _float(mu_pos), _float(mu_neg)
+        if mu_pos.ndim == 1:
+            mu_pos = mu_pos[None]
+        if mu_neg.ndim == 1:
+            mu_neg = mu_neg[None]
+        if mu_pos.ndim != 2 or mu_pos.shape != mu_neg.shape:
+            raise ValueError(
+                f"mu_pos has shape {mu_pos.shape} and mu_neg {mu_neg.shape}; "
+                "both must be (K, d) with the same K and d"
+            )
+        k, d = mu_pos.shape
+        cov_pos = cls._broadcast_cov("cov_pos", cov_pos, k, d)
+        cov_neg = cov_pos if cov_neg is None else cls._broadcast_cov("cov_neg", cov_neg, k, d)
+        p = jnp.broadcast_to(_float(p_pos), (k,)) if np.ndim(p_pos) == 0 else _float(p_pos)
+        w = jnp.full((k,), 1.0 / k) if weight is None else _float(weight)
+        names = tuple(str(n) for n in names) if names is not None else tuple(f"behavior_{i}" for i in range(k))
+        out = cls(mu_pos, mu_neg, cov_pos, cov_neg, _float(p), _float(w), names)
+        return out.validate()
+
+    @staticmethod
+    def _broadcast_cov(name, cov, k, d):
+        c = _float(cov)
+        if c.ndim == 0:
+            return isotropic_cov(jnp.sqrt(c), d, k)
+        if c.ndim == 1 and c.shape == (d,):
+            return jnp.broadcast_to(diagonal_cov(c), (k, d, d))
+        if c.ndim == 2 and c.shape == (k, d) and not (k == d):
+            return diagonal_cov(c)
+        if c.ndim == 2 and c.shape == (d, d):
+            return jnp.broadcast_to(c, (k, d, d))
+        if c.ndim == 3 and c.shape == (k, d, d):
+            return c
+        raise ValueError(
+            f"{name} has shape {c.shape}; expected a scalar variance, (d,)=({d},) or "
+            f"(K, d)=({k}, {d}) variances, (d, d) or (K, d, d)=({k}, {d}, {d})"
+        )
+
+    @classmethod
+    def single(cls, distinguishability=1.0, d: int = 2, sigma=1.0, p: float = 0.5, name="behavior_0"):
+        """One behaviour: ``μ± = ±(Δ/2) e₁``, ``Σ± = σ² I_d``.
+
+        Args:
+          distinguishability: Δ = ‖μ⁺ − μ⁻‖ ≥ 0.
+          d: embedding dimension ≥ 1. sigma: per-coordinate std σ > 0.
+          p: probability that the preferred answer is ``a``.
+        """
+        check_int("d", d)
+        check_positive("distinguishability", distinguishability, allow_zero=True)
+        check_positive("sigma", sigma)
+        delta = _float(distinguishability)
+        e1 = jnp.zeros((1, d), dtype=delta.dtype).at[0, 0].set(1.0)
+        return cls.create(delta / 2 * e1, -delta / 2 * e1, isotropic_cov(sigma, d, 1),
+                          p_pos=p, names=[name])
+
+    @classmethod
+    def from_angles(cls, distinguishability, angles=None, *, d: int, sigma=1.0, p=0.5,
+                    weight=None, names=None):
+        """K behaviours with given distinguishabilities and angles between them.
+
+        Preference directions ``b_k = μ_k⁺ − μ_k⁻`` have ``‖b_k‖ = Δ_k`` and
+        ``cos∠(b_i, b_j) = cos(angles[i, j])``; ``μ_k± = ±b_k/2``, ``Σ = σ_k² I``.
+
+        Args:
+          distinguishability: ``(K,)`` Δ_k ≥ 0.
+          angles: ``(K, K)`` radians, or a scalar used for every pair (default
+            π/2: orthogonal behaviours). The Gram matrix must be PSD.
+          d: embedding dimension ≥ K. sigma: scalar or ``(K,)``.
+          p, weight, names: as in :meth:`create`.
+        """
+        delta = np.asarray(distinguishability, dtype=float).reshape(-1)
+        k = delta.shape[0]
+        check_int("d", d, minimum=k)
+        check_positive("distinguishability", delta, allow_zero=True)
+        check_positive("sigma", sigma)
+        ang = np.full((k, k), np.pi / 2) if angles is None else np.asarray(angles, dtype=float)
+        if ang.ndim == 0:
+            ang = np.full((k, k), float(ang))
+        if ang.shape != (k, k):
+            raise ValueError(f"angles has shape {ang.shape}; expected a scalar or (K, K) = ({k}, {k})")
+        cosm = np.cos(ang)
+        np.fill_diagonal(cosm, 1.0)
+        if not np.allclose(cosm, cosm.T):
+            raise ValueError("angles must be a symmetric (K, K) matrix")
+        evals, evecs = np.linalg.eigh(cosm)
+        if evals.min() < -1e-9:
+            raise ValueError(
+                f"angles give a cosine matrix that is not PSD (min eigenvalue {evals.min():.3g}); "
+                "no set of directions has these angles — widen or narrow them"
+            )
+        dirs = evecs * np.sqrt(np.clip(evals, 0, None))  # rows: unit directions in R^K
+        b = np.zeros((k, d))
+        b[:, :k] = dirs * delta[:, None]
+        return cls.create(b / 2, -b / 2, isotropic_cov(sigma, d, k), p_pos=p, weight=weight, names=names)
+
+    # ------------------------------------------------------------- validate
+    @property
+    def num_behaviors(self) -> int:
+        return self.mu_pos.shape[-2]
+
+    @property
+    def dim(self) -> int:
+        return self.mu_pos.shape[-1]
+
+    def validate(self, atol: float = 1e-6):
+        """Check shapes and values; return ``self``. Skipped for traced values.
+
+        Raises ``ValueError`` naming the field, its value and the fix.
+        """
+        k, d = self.mu_pos.shape[-2:]
+        expected = {"mu_neg": (k, d), "cov_pos": (k, d, d), "cov_neg": (k, d, d), "p_pos": (k,), "weight": (k,)}
+        for name, shape in expected.items():
+            got = getattr(self, name).shape[-len(shape):] if getattr(self, name).ndim >= len(shape) else getattr(self, name).shape
+            if tuple(got) != shape:
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}; expected (..., {', '.join(map(str, shape))}) to match mu_pos (K, d) = ({k}, {d})")
+        if self.names and len(self.names) != k:
+            raise ValueError(f"names has {len(self.names)} entries; expected K = {k}")
+        if not is_concrete(self):
+            return self
+        for name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight"):
+            check_finite(name, getattr(self, name))
+        check_in_range("p_pos", self.p_pos, 0.0, 1.0)
+        check_positive("weight", self.weight, allow_zero=True)
+        wsum = np.asarray(self.weight).sum(axis=-1)
+        if np.any(np.abs(wsum - 1.0) > 1e-5):
+            raise ValueError(f"weight sums to {np.round(wsum, 6)}; behaviour weights must sum to 1 — divide by their sum")
+        for name in ("cov_pos", "cov_neg"):
+            c = np.asarray(getattr(self, name), dtype=np.float64)
+            scale = max(1.0, float(np.abs(c).max()))
+            asym = np.abs(c - np.swapaxes(c, -1, -2)).max()
+            if asym > atol * scale:
+                raise ValueError(f"{name} is not symmetric (max |Σ − Σᵀ| = {asym:.3g}); pass (Σ + Σᵀ)/2")
+            lam = np.linalg.eigvalsh((c + np.swapaxes(c, -1, -2)) / 2).min()
+            if lam < -atol * scale:
+                raise ValueError(f"{name} is not positive semi-definite (min eigenvalue {lam:.3g}); pass a PSD covariance, e.g. A Aᵀ or clip negative eigenvalues")
+        return self
+
+    # ----------------------------------------------------------- properties
+    @property
+    def preference_direction(self):
+        """``b_k = μ_k⁺ − μ_k⁻``, shape ``(K, d)``."""
+        return self.mu_pos - self.mu_neg
+
+    @property
+    def distinguishability(self):
+        """``‖μ_k⁺ − μ_k⁻‖``, shape ``(K,)`` (THEORY.md §2)."""
+        return jnp.linalg.norm(self.preference_direction, axis=-1)
+
+    @property
+    def concentration(self):
+        """``max(‖Σ_k⁺‖_op, ‖Σ_k⁻‖_op)``, shape ``(K,)``."""
+        op = lambda c: jnp.linalg.eigvalsh(c)[..., -1]
+        return jnp.maximum(op(self.cov_pos), op(self.cov_neg))
+
+    @property
+    def trace(self):
+        """``max(tr Σ_k⁺, tr Σ_k⁻)``, shape ``(K,)``."""
+        tr = lambda c: jnp.trace(c, axis1=-2, axis2=-1)
+        return jnp.maximum(tr(self.cov_pos), tr(self.cov_neg))
+
+    @property
+    def priority_gap(self):
+        """``(K, K)`` priority-gap matrix of the preference directions."""
+        return priority_gap(self.preference_direction)
+
+    @property
+    def behavior_mean(self):
+        """``m_k = p_k μ_k⁺ − (1 − p_k) μ_k⁻``, shape ``(K, d)`` (mean of z given k)."""
+        p = self.p_pos[..., None]
+        return p * self.mu_pos - (1 - p) * self.mu_neg
+
+    @property
+    def mean(self):
+        """``m̄ = Σ_k ω_k m_k``, shape ``(d,)``: the mean of ``z = s x``."""
+        return jnp.einsum("k,kd->d", self.weight, self.behavior_mean)
+
+    def components(self) -> Components:
+        """The 2K components of ``z = s x`` (interleaved: ``(k, +1), (k, −1)``)."""
+        k, d = self.mu_pos.shape
+        p = self.p_pos
+        weight = jnp.stack([self.weight * p, self.weight * (1 - p)], axis=1).reshape(2 * k)
+        mean = jnp.stack([self.mu_pos, -self.mu_neg], axis=1).reshape(2 * k, d)
+        cov = jnp.stack([self.cov_pos, self.cov_neg], axis=1).reshape(2 * k, d, d)
+        behavior = jnp.repeat(jnp.arange(k), 2)
+        sign = jnp.tile(jnp.array([1.0, -1.0], dtype=mean.dtype), k)
+        return Components(weight, mean, cov, behavior, sign)
+
+    def z_covariance(self):
+        """``Cov(z)`` of the mixture, shape ``(d, d)`` (used by the C1 bands)."""
+        c = self.components()
+        m = self.mean
+        dm = c.mean - m
+        return jnp.einsum("c,cij->ij", c.weight, c.cov) + jnp.einsum("c,ci,cj->ij", c.weight, dm, dm)
+
+    # --------------------------------------------------------------- sample
+    def sample(self, key, n: int):
+        """Draw ``n`` preference pairs.
+
+        Returns:
+          ``x (n, d)`` embeddings, ``s (n,)`` labels in {+1, −1} (+1: chosen is
+          ``a``), ``behavior (n,)`` int32 behaviour index.
+        """
+        k, d = self.mu_pos.shape
+        kb, ks, kx = jax.random.split(key, 3)
+        behavior = jax.random.categorical(kb, jnp.log(self.weight), shape=(n,))
+        pos = jax.random.uniform(ks, (n,), dtype=self.p_pos.dtype) < self.p_pos[behavior]
+        s = jnp.where(pos, 1.0, -1.0).astype(self.mu_pos.dtype)
+        comp = 2 * behavior + jnp.where(pos, 0, 1)
+        means = jnp.stack([self.mu_pos, self.mu_neg], axis=1).reshape(2 * k, d)
+        roots = _psd_sqrt(jnp.stack([self.cov_pos, self.cov_neg], axis=1).reshape(2 * k, d, d))
+        eps = jax.random.normal(kx, (n, d), dtype=self.mu_pos.dtype)
+        # x = μ_c + R_c ε ; computed per component then gathered (memory n·2K·d)
+        xs = jnp.einsum("nj,cij->nci", eps, roots)
+        x = means[comp] + jnp.take_along_axis(xs, comp[:, None, None], axis=1)[:, 0]
+        return x, s, behavior.astype(jnp.int32)
+
+    # ------------------------------------------------------------------- io
+    def save(self, path) -> None:
+        """Write the THEORY.md §2 ``.npz`` interchange file (no pickles)."""
+        arrays = {key: np.asarray(getattr(self, key)) for key in _NPZ_KEYS}
+        if self.names:
+            arrays["names"] = np.asarray(self.names, dtype=str)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Read a THEORY.md ``.npz`` file; never unpickles.
+
+        Raises:
+          ValueError: missing keys, object arrays, or invalid contents (named).
+          FileNotFoundError: no such file.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = [k for k in _NPZ_KEYS if k not in f.files]
+                if missing:
+                    raise ValueError(f"{path}: missing keys {missing}; a distribution file needs {list(_NPZ_KEYS)} (and optional 'names')")
+                arrays = {k: f[k] for k in _NPZ_KEYS}
+                names = [str(n) for n in f["names"]] if "names" in f.files else None
+        except ValueError as e:
+            if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                raise ValueError(f"{path}: contains object arrays (pickled data), which are refused; save plain numeric arrays and a unicode 'names' array") from None
+            raise
+        return cls.create(arrays["mu_pos"], arrays["mu_neg"], arrays["cov_pos"], arrays["cov_neg"],
+                          arrays["p_pos"], arrays["weight"], names)
+
+
+def _psd_sqrt(cov):
+    """Symmetric square root of PSD matrices ``(..., d, d)`` (works when singular)."""
+    lam, vec = jnp.linalg.eigh(cov)
+    return (vec * jnp.sqrt(jnp.clip(lam, 0.0))[..., None, :]) @ jnp.swapaxes(vec, -1, -2)

@@ -1,0 +1,268 @@
+"""The empirical layer: finite-sample last-layer DPO by GD, minibatch SGD or optax.
+
+Two paths compute the same trajectory (THEORY.md §1):
+
+* ``path="reduced"`` (fast): only ``δ ∈ R^d`` is trained; for SGD, momentum and
+  Adam without weight decay the head stays ``W_t = W_0 + (e_a − e_b) Δ_tᵀ`` with
+  ``δ_t − δ_0 = 2Δ_t``, so a step costs ``O(B d)``. Log-probabilities over the
+  full vocabulary are reconstructed exactly at record time.
+* ``path="full"`` (reference): the whole ``V×d`` head with a full
+  log-softmax and autodiff, as a DPO trainer would run it.
+
+Metric names follow TRL's DPOTrainer (``rewards/accuracies`` →
+``reward_accuracy``, ``rewards/chosen`` → ``rewards_chosen`` …).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ._checks import check_choice, check_finite, check_int, is_concrete
+from ._train import check_schedule, make_optimizer, run_recorded, segment_mean
+from .distributions import GaussianPreference
+from .head import Head
+from .losses import loss_fn, loss_grad_fn, validate_loss
+
+__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "METRICS"]
+
+METRICS = (
+    "loss", "reward_accuracy", "policy_accuracy", "rewards_chosen", "rewards_rejected",
+    "rewards_margin", "logps_chosen", "logps_rejected", "weight_change",
+    "behavior_loss", "behavior_reward_accuracy", "behavior_policy_accuracy",
+)
+
+
+@struct.dataclass
+class EmpiricalTrajectory:
+    """Result of :func:`empirical_trajectory` (a pytree; vmapped calls stack it).
+
+    Attributes:
+      step: ``(T,)`` recorded steps ``0, r, …, steps``.
+      train, eval: dicts of metrics on the training sample and on held-out
+        pairs: ``(T,)`` arrays ``loss`` (nats), ``reward_accuracy`` (TRL
+        rewards/accuracies: β h > 0), ``policy_accuracy`` (π(y_w|x) > π(y_l|x)),
+        ``rewards_chosen``, ``rewards_rejected``, ``rewards_margin`` (β × log-ratio,
+        nats), ``logps_chosen``, ``logps_rejected`` (nats, full softmax over V),
+        ``weight_change`` (‖W_t − W_0‖_F); ``(T, K)`` arrays ``behavior_loss``,
+        ``behavior_reward_accuracy``, ``behavior_policy_accuracy`` (NaN for a
+        behaviour absent from the sample).
+      delta: ``(T, d)`` reduced head δ_t.
+      weights: ``(V, d)`` final head W_T.
+      cum_batch_mean_norm: ``(T,)`` Σ over steps so far of the minibatch mean
+        ‖x‖ (the C2 bound is ``√2 η β`` times it for plain GD/SGD).
+      diverged: bool, NaN or inf anywhere in the trajectory.
+    """
+
+    step: jax.Array
+    train: dict
+    eval: dict
+    delta: jax.Array
+    weights: jax.Array
+    cum_batch_mean_norm: jax.Array
+    diverged: jax.Array
+
+
+def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None, steps: int,
+                         loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
+                         n_eval: int = 2048, record_every: int = 1, head: Head | None = None,
+                         path: str = "reduced") -> EmpiricalTrajectory:
+    """Sample ``n`` training and ``n_eval`` held-out pairs from ``dist`` and train the head.
+
+    Args:
+      dist: preference distribution (vmappable pytree).
+      key: PRNG key; split into training sample, held-out sample and batch order.
+      n: training pairs (static, ≥ 1). n_eval: held-out pairs (static, ≥ 1).
+      beta: β > 0. lr: learning rate on ``W`` (> 0; unused when ``optimizer`` is an
+        optax transformation).
+      steps: optimizer steps (static). record_every: cadence (static, divides steps).
+      loss, eps: objective (``dynamics.LOSSES``) and its ε.
+      batch_size: ``None`` = full-batch GD; else minibatch SGD with per-epoch
+        reshuffling and the last partial batch dropped (``B ≤ n``, static).
+      optimizer: ``None``/"sgd", "momentum", "adam", or an optax
+        ``GradientTransformation`` (static).
+      head: reference and initial head (default zeros, V = 2).
+      path: "reduced" (fast) or "full" (the ``V×d`` reference path).
+
+    Returns:
+      :class:`EmpiricalTrajectory`, ``T = steps // record_every + 1``.
+
+    Raises:
+      ValueError: invalid argument (named, with the fix).
+
+    Source: THEORY.md §1 and §3 (last paragraph).
+    """
+    n = check_int("n", n)
+    n_eval = check_int("n_eval", n_eval)
+    dist = dist.validate()
+    key_train, key_eval, key_batch = jax.random.split(key, 3)
+    train = dist.sample(key_train, n)
+    held_out = dist.sample(key_eval, n_eval)
+    return trajectory_on_data(train, held_out, key_batch, num_behaviors=dist.num_behaviors, beta=beta,
+                              lr=lr, steps=steps, loss=loss, eps=eps, batch_size=batch_size,
+                              optimizer=optimizer, record_every=record_every, head=head, path=path)
+
+
+def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=None, steps: int,
+                       loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
+                       record_every: int = 1, head: Head | None = None,
+                       path: str = "reduced") -> EmpiricalTrajectory:
+    """Train the head on given data (e.g. real embeddings) and record metrics.
+
+    Args:
+      train, held_out: tuples ``(x (n, d), s (n,) ∈ {±1}, behavior (n,) int in [0, K))``.
+      key: PRNG key for the minibatch order.
+      num_behaviors: K (static).
+      Other arguments as in :func:`empirical_trajectory`.
+
+    Raises:
+      ValueError: shapes that disagree, labels not in {±1}, NaN in x, bad hyper-parameters.
+    """
+    validate_loss(loss, beta, eps)
+    check_choice("path", path, ("reduced", "full"))
+    steps, record_every = check_schedule(steps, record_every, lr, optimizer)
+    num_behaviors = check_int("num_behaviors", num_behaviors)
+    x, s, beh = train
+    xe, se, behe = held_out
+    for split, (xx, ss, bb) in (("train", train), ("held_out", held_out)):
+        if xx.ndim != 2 or ss.shape != (xx.shape[0],) or bb.shape != (xx.shape[0],):
+            raise ValueError(f"{split}: expected x (n, d), s (n,), behavior (n,); got {xx.shape}, {ss.shape}, {bb.shape}")
+        check_finite(f"{split}.x", xx)
+        if is_concrete(ss) and not bool(jnp.all(jnp.abs(ss) == 1)):
+            raise ValueError(f"{split}.s must hold labels +1 (chosen = a) or -1 (chosen = b)")
+    if xe.shape[1] != x.shape[1]:
+        raise ValueError(f"held_out has d = {xe.shape[1]} but train has d = {x.shape[1]}; they must match")
+    d = x.shape[1]
+    head = Head.zeros(d, dtype=jnp.asarray(x).dtype) if head is None else head
+    if head.dim != d:
+        raise ValueError(f"head has d = {head.dim} but the data have d = {d}; they must match")
+    n = x.shape[0]
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size)
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n or None for full batch")
+        if batch_size == n:
+            batch_size = None
+    lr = 0.0 if lr is None else lr
+    return _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, num_behaviors=num_behaviors,
+                  loss=loss, optimizer=optimizer, steps=steps, record_every=record_every,
+                  batch_size=batch_size, path=path)
+
+
+def _split_metrics(h, logp_c, logp_r, ref_c, ref_r, policy_margin, beh, *, k, beta, loss, eps):
+    ell = loss_fn(loss, h, beta, eps)
+    racc = (h > 0).astype(h.dtype)
+    pacc = (policy_margin > 0).astype(h.dtype)
+    return {
+        "loss": jnp.mean(ell),
+        "reward_accuracy": jnp.mean(racc),
+        "policy_accuracy": jnp.mean(pacc),
+        "rewards_chosen": beta * jnp.mean(logp_c - ref_c),
+        "rewards_rejected": beta * jnp.mean(logp_r - ref_r),
+        "rewards_margin": beta * jnp.mean(h),
+        "logps_chosen": jnp.mean(logp_c),
+        "logps_rejected": jnp.mean(logp_r),
+        "behavior_loss": segment_mean(ell, beh, k),
+        "behavior_reward_accuracy": segment_mean(racc, beh, k),
+        "behavior_policy_accuracy": segment_mean(pacc, beh, k),
+    }
+
+
+def _choose(s, lp_a, lp_b):
+    pos = s > 0
+    return jnp.where(pos, lp_a, lp_b), jnp.where(pos, lp_b, lp_a)
+
+
+@partial(jax.jit, static_argnames=("num_behaviors", "loss", "optimizer", "steps", "record_every",
+                                   "batch_size", "path"))
+def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, *, num_behaviors, loss, optimizer,
+           steps, record_every, batch_size, path):
+    dtype = jnp.result_type(x.dtype, float)
+    x, s, xe, se = (v.astype(dtype) for v in (x, s, xe, se))
+    beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
+    w_ref, w0 = head.w_ref.astype(dtype), head.w_init.astype(dtype)
+    a, b = head.a, head.b
+    u_ref = w_ref[a] - w_ref[b]
+    d0 = w0[a] - w0[b] - u_ref
+    n = x.shape[0]
+    opt = make_optimizer(optimizer, lr)
+    norms = jnp.linalg.norm(x, axis=1)
+    mk = partial(_split_metrics, k=num_behaviors, beta=beta, loss=loss, eps=eps)
+
+    def ref_logps(xx, ss):
+        lp = jax.nn.log_softmax(xx @ w_ref.T, axis=-1)
+        return _choose(ss, lp[:, a], lp[:, b])
+
+    data = {
+        "train": (x, s, beh, x @ w0.T, ref_logps(x, s)),
+        "eval": (xe, se, behe, xe @ w0.T, ref_logps(xe, se)),
+    }
+
+    def take(t, *arrays):
+        """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped)."""
+        if batch_size is None:
+            return arrays
+        per_epoch = n // batch_size
+        perm = jax.random.permutation(jax.random.fold_in(key, t // per_epoch), n)
+        idx = jax.lax.dynamic_slice(perm, ((t % per_epoch) * batch_size,), (batch_size,))
+        return tuple(v[idx] for v in arrays)
+
+    if path == "reduced":
+        def step_fn(carry):
+            t, delta, state, cum = carry
+            xb, sb, nb = take(t, x, s, norms)
+            h = sb * (xb @ delta)
+            g = jnp.mean((loss_grad_fn(loss, h, beta, eps) * sb)[:, None] * xb, axis=0)
+            updates, state = opt.update(g, state, (delta - d0) / 2.0)
+            return t + 1, delta + 2.0 * updates, state, cum + jnp.mean(nb)
+
+        def record(carry):
+            t, delta, _, cum = carry
+            out = {}
+            for split, (xx, ss, bb, z0, (rc, rr)) in data.items():
+                proj = xx @ ((delta - d0) / 2.0)
+                lp = jax.nn.log_softmax(z0.at[:, a].add(proj).at[:, b].add(-proj), axis=-1)
+                lc, lr_ = _choose(ss, lp[:, a], lp[:, b])
+                h = ss * (xx @ delta)
+                out[split] = mk(h, lc, lr_, rc, rr, ss * (xx @ (delta + u_ref)), bb)
+                out[split]["weight_change"] = jnp.linalg.norm(delta - d0) / jnp.sqrt(2.0)
+            return t, out, delta, cum, delta
+
+        carry0 = (jnp.int32(0), d0, opt.init(jnp.zeros_like(d0)), jnp.zeros((), dtype))
+        final, (step, metrics, deltas, cum, _) = run_recorded(step_fn, record, carry0, steps, record_every)
+        weights = head.replace(w_ref=w_ref, w_init=w0).with_delta(final[1])
+    else:
+        def dpo_loss(w, xb, sb, rc, rr):
+            lp = jax.nn.log_softmax(xb @ w.T, axis=-1)
+            lc, lr_ = _choose(sb, lp[:, a], lp[:, b])
+            return jnp.mean(loss_fn(loss, (lc - rc) - (lr_ - rr), beta, eps))
+
+        x_ref_c, x_ref_r = data["train"][4]
+
+        def step_fn(carry):
+            t, w, state, cum = carry
+            xb, sb, nb, rc, rr = take(t, x, s, norms, x_ref_c, x_ref_r)
+            g = jax.grad(dpo_loss)(w, xb, sb, rc, rr)
+            updates, state = opt.update(g, state, w)
+            return t + 1, w + updates, state, cum + jnp.mean(nb)
+
+        def record(carry):
+            t, w, _, cum = carry
+            out = {}
+            for split, (xx, ss, bb, _, (rc, rr)) in data.items():
+                lp = jax.nn.log_softmax(xx @ w.T, axis=-1)
+                lc, lr_ = _choose(ss, lp[:, a], lp[:, b])
+                out[split] = mk((lc - rc) - (lr_ - rr), lc, lr_, rc, rr, lc - lr_, bb)
+                out[split]["weight_change"] = jnp.linalg.norm(w - w0)
+            delta = (w[a] - w[b]) - u_ref
+            return t, out, delta, cum, delta
+
+        carry0 = (jnp.int32(0), w0, opt.init(w0), jnp.zeros((), dtype))
+        final, (step, metrics, deltas, cum, _) = run_recorded(step_fn, record, carry0, steps, record_every)
+        weights = final[1]
+
+    diverged = ~(jnp.all(jnp.isfinite(metrics["train"]["loss"])) & jnp.all(jnp.isfinite(deltas)))
+    return EmpiricalTrajectory(step=step, train=metrics["train"], eval=metrics["eval"], delta=deltas,
+                               weights=weights, cum_batch_mean_norm=cum, diverged=diverged)

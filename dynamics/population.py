@@ -1,0 +1,220 @@
+"""The analytic layer: population (N → ∞) dynamics of last-layer DPO.
+
+For Gaussian components ``z | c ~ N(m_c, S_c)`` the margin ``a_c = δᵀz`` is
+``N(δᵀm_c, δᵀS_cδ)`` and Stein's lemma gives (THEORY.md §3, docs/theory.md §3)::
+
+    L(δ)  = Σ_c π_c E[ℓ(a_c)]
+    ∇L(δ) = Σ_c π_c ( m_c E[ℓ'(a_c)] + S_c δ E[ℓ''(a_c)] )
+
+Population GD on the head ``W`` with learning rate η is
+``δ_{t+1} = δ_t − 2η ∇L(δ_t)``; any sign-equivariant optax optimizer
+(momentum, Adam) acts on the same reduced variable. Gradient flow (time
+``τ = η t``) is integrated with RK4.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ._checks import check_choice, check_int
+from ._train import check_schedule, make_optimizer, run_recorded
+from .distributions import GaussianPreference
+from .gaussian_integrals import normal_cdf
+from .head import Head
+from .losses import expected_loss_terms, validate_loss
+
+__all__ = [
+    "PopulationTrajectory",
+    "population_trajectory",
+    "population_loss",
+    "population_gradient",
+    "population_metrics",
+    "gaussian_accuracy",
+]
+
+
+@struct.dataclass
+class PopulationTrajectory:
+    """Result of :func:`population_trajectory` (a pytree; vmapped calls stack it).
+
+    Attributes:
+      step: ``(T,)`` int, the recorded steps ``0, r, 2r, …, steps``.
+      metrics: dict of ``(T,)`` arrays (``loss`` in nats, ``reward_accuracy``,
+        ``policy_accuracy``, ``rewards_margin`` = E[β h] in nats,
+        ``weight_change`` = ‖W_t − W_0‖_F, ``grad_norm`` = ‖∇_δ L‖) and
+        ``(T, K)`` arrays (``behavior_loss``, ``behavior_reward_accuracy``,
+        ``behavior_policy_accuracy``).
+      delta: ``(T, d)`` the reduced head δ_t at the recorded steps.
+      diverged: bool, True when the trajectory produced NaN or inf.
+    """
+
+    step: jax.Array
+    metrics: dict
+    delta: jax.Array
+    diverged: jax.Array
+
+
+def _prob_positive(mu, sigma):
+    """P(N(mu, sigma²) > 0) with the point-mass limit at sigma = 0."""
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+    return jnp.where(sigma > 0, normal_cdf(mu / safe), (mu > 0).astype(mu.dtype))
+
+
+def _margin_moments(comps, delta):
+    mu = comps.mean @ delta
+    var = jnp.einsum("i,cij,j->c", delta, comps.cov, delta)
+    return mu, jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def gaussian_accuracy(dist: GaussianPreference, u):
+    """Exact ``P(s uᵀx > 0)`` overall and per behaviour: ``(scalar, (K,))``.
+
+    ``= Σ_c π_c Φ(uᵀm_c / √(uᵀS_c u))`` (THEORY.md §3). With ``u = δ`` it is the
+    reward accuracy; with ``u = W_a − W_b`` the policy accuracy.
+    """
+    comps = dist.components()
+    mu, sigma = _margin_moments(comps, u)
+    pc = comps.weight * _prob_positive(mu, sigma)
+    k = dist.num_behaviors
+    per = jax.ops.segment_sum(pc, comps.behavior, k) / dist.weight
+    return jnp.sum(pc), per
+
+
+def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0):
+    """Population loss ``L(δ) = E[ℓ(s δᵀx)]`` in nats; ``delta (d,)`` → scalar."""
+    comps = dist.components()
+    mu, sigma = _margin_moments(comps, delta)
+    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, eps)
+    return jnp.sum(comps.weight * e_l)
+
+
+def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0):
+    """Stein-form population gradient ``∇_δ L(δ)``, shape ``(d,)`` (THEORY.md §3)."""
+    comps = dist.components()
+    mu, sigma = _margin_moments(comps, delta)
+    _, e_l1, e_l2 = expected_loss_terms(loss, mu, sigma, beta, eps)
+    s_delta = jnp.einsum("cij,j->ci", comps.cov, delta)
+    return jnp.einsum("c,ci->i", comps.weight * e_l1, comps.mean) + jnp.einsum(
+        "c,ci->i", comps.weight * e_l2, s_delta
+    )
+
+
+def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+                       u_ref=None, delta_init=None):
+    """Exact population metrics at one head ``δ (d,)`` (dict; see PopulationTrajectory)."""
+    comps = dist.components()
+    k = dist.num_behaviors
+    u_ref = jnp.zeros_like(delta) if u_ref is None else u_ref
+    delta_init = jnp.zeros_like(delta) if delta_init is None else delta_init
+    mu, sigma = _margin_moments(comps, delta)
+    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, eps)
+    racc_c = _prob_positive(mu, sigma)
+    pmu, psig = _margin_moments(comps, delta + u_ref)
+    pacc_c = _prob_positive(pmu, psig)
+    per = lambda v: jax.ops.segment_sum(comps.weight * v, comps.behavior, k) / dist.weight
+    grad = population_gradient(dist, delta, beta=beta, loss=loss, eps=eps)
+    return {
+        "loss": jnp.sum(comps.weight * e_l),
+        "reward_accuracy": jnp.sum(comps.weight * racc_c),
+        "policy_accuracy": jnp.sum(comps.weight * pacc_c),
+        "rewards_margin": beta * jnp.sum(comps.weight * mu),
+        "weight_change": jnp.linalg.norm(delta - delta_init) / jnp.sqrt(2.0),
+        "grad_norm": jnp.linalg.norm(grad),
+        "behavior_loss": per(e_l),
+        "behavior_reward_accuracy": per(racc_c),
+        "behavior_policy_accuracy": per(pacc_c),
+    }
+
+
+def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int, loss: str = "sigmoid",
+                          eps=0.0, optimizer=None, record_every: int = 1, head: Head | None = None,
+                          method: str = "gd", substeps: int = 4) -> PopulationTrajectory:
+    """Population (N → ∞) training trajectory of the last-layer head.
+
+    Args:
+      dist: the preference distribution (K behaviours, dimension d).
+      beta: DPO β > 0 (scalar; vmappable).
+      lr: learning rate η > 0 on ``W`` (vmappable).
+      steps: number of steps (static). record_every: record cadence (static;
+        must divide ``steps``).
+      loss: one of ``dynamics.LOSSES``. eps: ε for ``cdpo`` / ``robust``.
+      optimizer: ``None`` (GD), "sgd", "momentum", "adam", or an
+        ``optax.GradientTransformation`` (static) applied to the exact
+        population gradient.
+      head: reference/initial head; default ``Head.zeros(d)`` (δ_0 = 0, W_0 = W_ref).
+      method: "gd" (discrete population GD) or "flow" (gradient flow
+        ``dδ/dτ = −2∇L(δ)``, RK4 with ``substeps`` per step of size η, recorded
+        at ``τ = η t``; plain GD only).
+
+    Returns:
+      :class:`PopulationTrajectory` with ``T = steps // record_every + 1``
+      records; float32 by default, float64 under ``jax_enable_x64``.
+
+    Raises:
+      ValueError: bad β, lr, steps, loss, ε, method or distribution (named).
+
+    Source: THEORY.md §3; derivation in docs/theory.md §3.
+    """
+    validate_loss(loss, beta, eps)
+    check_choice("method", method, ("gd", "flow"))
+    if method == "flow" and optimizer is not None:
+        raise ValueError("method='flow' is plain gradient flow; pass optimizer=None")
+    check_int("substeps", substeps)
+    steps, record_every = check_schedule(steps, record_every, lr, optimizer)
+    dist = dist.validate()
+    head = Head.zeros(dist.dim) if head is None else head
+    if head.dim != dist.dim:
+        raise ValueError(f"head has d = {head.dim} but the distribution has d = {dist.dim}; they must match")
+    lr = 0.0 if lr is None else lr
+    return _population(dist, head, beta, lr, eps, loss=loss, optimizer=optimizer, steps=steps,
+                       record_every=record_every, method=method, substeps=substeps)
+
+
+@partial(jax.jit, static_argnames=("loss", "optimizer", "steps", "record_every", "method", "substeps"))
+def _population(dist, head, beta, lr, eps, *, loss, optimizer, steps, record_every, method, substeps):
+    dtype = dist.mu_pos.dtype
+    beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
+    d0 = head.delta_init.astype(dtype)
+    u_ref = head.u_ref.astype(dtype)
+    grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, eps=eps)
+
+    if method == "flow":
+        dt = lr / substeps
+
+        def step_fn(carry):
+            t, delta = carry
+            f = lambda dl: -2.0 * grad(dl)
+
+            def rk4(_, dl):
+                k1 = f(dl)
+                k2 = f(dl + 0.5 * dt * k1)
+                k3 = f(dl + 0.5 * dt * k2)
+                k4 = f(dl + dt * k3)
+                return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+            return t + 1, jax.lax.fori_loop(0, substeps, rk4, delta)
+
+        carry0 = (jnp.int32(0), d0)
+        get_delta = lambda c: c[1]
+    else:
+        opt = make_optimizer(optimizer, lr)
+
+        def step_fn(carry):
+            t, delta, state = carry
+            updates, state = opt.update(grad(delta), state, (delta - d0) / 2.0)
+            return t + 1, delta + 2.0 * updates, state
+
+        carry0 = (jnp.int32(0), d0, opt.init(jnp.zeros_like(d0)))
+        get_delta = lambda c: c[1]
+
+    def record(carry):
+        delta = get_delta(carry)
+        m = population_metrics(dist, delta, beta=beta, loss=loss, eps=eps, u_ref=u_ref, delta_init=d0)
+        return carry[0], m, delta
+
+    _, (step, metrics, deltas) = run_recorded(step_fn, record, carry0, steps, record_every)
+    diverged = ~(jnp.all(jnp.isfinite(metrics["loss"])) & jnp.all(jnp.isfinite(deltas)))
+    return PopulationTrajectory(step=step, metrics=metrics, delta=deltas, diverged=diverged)
