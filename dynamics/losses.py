@@ -73,6 +73,7 @@ def loss_grad_fn(loss: str, h, beta, eps=0.0):
     """Derivative ℓ'(h) (the per-pair weight of ``s x`` in the gradient)."""
     check_choice("loss", loss, LOSSES)
     if loss == "hinge":
+        h = jnp.asarray(h)
         return -beta * (beta * h < 1.0).astype(jnp.result_type(h, float))
     if loss == "ipo":
         return 2.0 * (h - 1.0 / (2.0 * beta))

@@ -1,0 +1,36 @@
+import jax
+import numpy as np
+import pytest
+
+import dynamics as dd
+
+
+@pytest.fixture
+def x64():
+    """Run the test body in float64 (restored afterwards)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def random_dist(rng: np.random.Generator, k: int, d: int, *, kind: str = "full", imbalance: bool = True):
+    """A random K-behaviour Gaussian preference distribution (NumPy float64 inputs)."""
+    mu_pos = rng.normal(size=(k, d)) * 0.8
+    mu_neg = rng.normal(size=(k, d)) * 0.8
+    covs = []
+    for _ in range(2):
+        if kind == "iso":
+            c = np.stack([rng.uniform(0.3, 1.5) ** 2 * np.eye(d) for _ in range(k)])
+        elif kind == "diag":
+            c = np.stack([np.diag(rng.uniform(0.2, 2.0, size=d)) for _ in range(k)])
+        else:
+            a = rng.normal(size=(k, d, d)) / np.sqrt(d)
+            c = a @ np.swapaxes(a, -1, -2) + 0.2 * np.eye(d)
+        covs.append(c)
+    p = rng.uniform(0.2, 0.8, size=k) if imbalance else np.full(k, 0.5)
+    w = rng.dirichlet(np.ones(k)) if imbalance else np.full(k, 1.0 / k)
+    return dd.GaussianPreference.create(mu_pos, mu_neg, covs[0], covs[1], p, w)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240318)
