@@ -25,8 +25,9 @@ from ._train import check_schedule, make_optimizer, run_recorded, segment_mean
 from .distributions import GaussianPreference
 from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
+from .population import check_interventions
 
-__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "METRICS"]
+__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "METRICS"]
 
 METRICS = (
     "loss", "reward_accuracy", "policy_accuracy", "rewards_chosen", "rewards_rejected",
@@ -68,7 +69,7 @@ class EmpiricalTrajectory:
 def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None, steps: int,
                          loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
                          n_eval: int = 2048, record_every: int = 1, head: Head | None = None,
-                         path: str = "reduced") -> EmpiricalTrajectory:
+                         path: str = "reduced", label_noise=None, loss_weight=None) -> EmpiricalTrajectory:
     """Sample ``n`` training and ``n_eval`` held-out pairs from ``dist`` and train the head.
 
     Args:
@@ -85,6 +86,12 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
         ``GradientTransformation`` (static).
       head: reference and initial head (default zeros, V = 2).
       path: "reduced" (fast) or "full" (the ``V×d`` reference path).
+      label_noise: ``(K,)`` flip rate of the *training* labels per behaviour, in
+        [0, 1/2] (held-out labels stay clean; metrics use the clean labels).
+      loss_weight: ``(K,)`` per-behaviour loss weights λ_k ≥ 0 (re-weighting).
+
+    ``dist`` may be any distribution pytree with ``sample(key, n) -> (x, s,
+    behavior)`` and ``num_behaviors`` (docs/custom-distributions.md).
 
     Returns:
       :class:`EmpiricalTrajectory`, ``T = steps // record_every + 1``.
@@ -96,25 +103,57 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     """
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
-    dist = dist.validate()
+    if hasattr(dist, "validate"):
+        dist = dist.validate()
+    k = dist.num_behaviors
+    check_interventions(k, label_noise, loss_weight)
     key_train, key_eval, key_batch = jax.random.split(key, 3)
-    train = dist.sample(key_train, n)
-    held_out = dist.sample(key_eval, n_eval)
-    return trajectory_on_data(train, held_out, key_batch, num_behaviors=dist.num_behaviors, beta=beta,
+    train = check_sample(dist.sample(key_train, n), n, "sample(key, n)")
+    held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)")
+    noisy_s = None
+    if label_noise is not None:
+        noisy_s = flip_labels(jax.random.fold_in(key, 1), train[1], train[2], label_noise)
+    return trajectory_on_data(train, held_out, key_batch, num_behaviors=k, beta=beta,
                               lr=lr, steps=steps, loss=loss, eps=eps, batch_size=batch_size,
-                              optimizer=optimizer, record_every=record_every, head=head, path=path)
+                              optimizer=optimizer, record_every=record_every, head=head, path=path,
+                              train_labels=noisy_s, loss_weight=loss_weight)
+
+
+def flip_labels(key, s, behavior, rate):
+    """Flip each label ``s (n,)`` with probability ``rate[behavior] (K,)`` → ``(n,)``."""
+    flip = jax.random.uniform(key, s.shape) < jnp.asarray(rate)[behavior]
+    return jnp.where(flip, -s, s)
+
+
+def check_sample(out, n: int, what: str):
+    """Check a distribution's ``sample`` output: ``x (n, d)`` float, ``s (n,)``, ``behavior (n,)`` int."""
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise ValueError(f"{what} must return a tuple (x, s, behavior); got {type(out).__name__}")
+    x, s, beh = out
+    if jnp.ndim(x) != 2 or x.shape[0] != n:
+        raise ValueError(f"{what} returned x of shape {jnp.shape(x)}; expected (n, d) with n = {n}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{what} returned x of dtype {x.dtype}; expected a float dtype")
+    if jnp.shape(s) != (n,) or jnp.shape(beh) != (n,):
+        raise ValueError(f"{what} returned s {jnp.shape(s)} and behavior {jnp.shape(beh)}; expected ({n},) each")
+    if not jnp.issubdtype(beh.dtype, jnp.integer):
+        raise ValueError(f"{what} returned behavior of dtype {beh.dtype}; expected an integer dtype")
+    return x, s, beh
 
 
 def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=None, steps: int,
                        loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
                        record_every: int = 1, head: Head | None = None,
-                       path: str = "reduced") -> EmpiricalTrajectory:
+                       path: str = "reduced", train_labels=None, loss_weight=None) -> EmpiricalTrajectory:
     """Train the head on given data (e.g. real embeddings) and record metrics.
 
     Args:
       train, held_out: tuples ``(x (n, d), s (n,) ∈ {±1}, behavior (n,) int in [0, K))``.
       key: PRNG key for the minibatch order.
       num_behaviors: K (static).
+      train_labels: optional ``(n,)`` labels to *train* on (e.g. noisy ones);
+        metrics still use ``train[1]``. Default: ``train[1]``.
+      loss_weight: optional ``(K,)`` per-behaviour loss weights.
       Other arguments as in :func:`empirical_trajectory`.
 
     Raises:
@@ -146,7 +185,11 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
         if batch_size == n:
             batch_size = None
     lr = 0.0 if lr is None else lr
-    return _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, num_behaviors=num_behaviors,
+    s_fit = s if train_labels is None else train_labels
+    if jnp.shape(s_fit) != jnp.shape(s):
+        raise ValueError(f"train_labels has shape {jnp.shape(s_fit)}; expected {jnp.shape(s)}")
+    lam = jnp.ones((num_behaviors,)) if loss_weight is None else jnp.asarray(loss_weight)
+    return _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, num_behaviors=num_behaviors,
                   loss=loss, optimizer=optimizer, steps=steps, record_every=record_every,
                   batch_size=batch_size, path=path)
 
@@ -177,10 +220,11 @@ def _choose(s, lp_a, lp_b):
 
 @partial(jax.jit, static_argnames=("num_behaviors", "loss", "optimizer", "steps", "record_every",
                                    "batch_size", "path"))
-def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, *, num_behaviors, loss, optimizer,
+def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num_behaviors, loss, optimizer,
            steps, record_every, batch_size, path):
     dtype = jnp.result_type(x.dtype, float)
-    x, s, xe, se = (v.astype(dtype) for v in (x, s, xe, se))
+    x, s, xe, se, s_fit = (v.astype(dtype) for v in (x, s, xe, se, s_fit))
+    lam_i = jnp.asarray(lam, dtype)[beh]  # per-pair loss weight
     beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
     w_ref, w0 = head.w_ref.astype(dtype), head.w_init.astype(dtype)
     a, b = head.a, head.b
@@ -212,9 +256,9 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, *, num_behaviors, 
     if path == "reduced":
         def step_fn(carry):
             t, delta, state, cum = carry
-            xb, sb, nb = take(t, x, s, norms)
+            xb, sb, nb, lb = take(t, x, s_fit, norms, lam_i)
             h = sb * (xb @ delta)
-            g = jnp.mean((loss_grad_fn(loss, h, beta, eps) * sb)[:, None] * xb, axis=0)
+            g = jnp.mean((lb * loss_grad_fn(loss, h, beta, eps) * sb)[:, None] * xb, axis=0)
             updates, state = opt.update(g, state, (delta - d0) / 2.0)
             return t + 1, delta + 2.0 * updates, state, cum + jnp.mean(nb)
 
@@ -234,17 +278,17 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, *, num_behaviors, 
         final, (step, metrics, deltas, cum, _) = run_recorded(step_fn, record, carry0, steps, record_every)
         weights = head.replace(w_ref=w_ref, w_init=w0).with_delta(final[1])
     else:
-        def dpo_loss(w, xb, sb, rc, rr):
+        def dpo_loss(w, xb, sb, rc, rr, lb):
             lp = jax.nn.log_softmax(xb @ w.T, axis=-1)
             lc, lr_ = _choose(sb, lp[:, a], lp[:, b])
-            return jnp.mean(loss_fn(loss, (lc - rc) - (lr_ - rr), beta, eps))
+            return jnp.mean(lb * loss_fn(loss, (lc - rc) - (lr_ - rr), beta, eps))
 
-        x_ref_c, x_ref_r = data["train"][4]
+        x_ref_c, x_ref_r = ref_logps(x, s_fit)
 
         def step_fn(carry):
             t, w, state, cum = carry
-            xb, sb, nb, rc, rr = take(t, x, s, norms, x_ref_c, x_ref_r)
-            g = jax.grad(dpo_loss)(w, xb, sb, rc, rr)
+            xb, sb, nb, rc, rr, lb = take(t, x, s_fit, norms, x_ref_c, x_ref_r, lam_i)
+            g = jax.grad(dpo_loss)(w, xb, sb, rc, rr, lb)
             updates, state = opt.update(g, state, w)
             return t + 1, w + updates, state, cum + jnp.mean(nb)
 

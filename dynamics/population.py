@@ -21,7 +21,7 @@ from flax import struct
 
 from ._checks import check_choice, check_int
 from ._train import check_schedule, make_optimizer, run_recorded
-from .distributions import GaussianPreference
+from .distributions import Components, GaussianPreference
 from .gaussian_integrals import normal_cdf
 from .head import Head
 from .losses import expected_loss_terms, validate_loss
@@ -33,7 +33,29 @@ __all__ = [
     "population_gradient",
     "population_metrics",
     "gaussian_accuracy",
+    "training_components",
+    "check_interventions",
 ]
+
+
+def check_interventions(k: int, label_noise=None, loss_weight=None):
+    """Validate per-behaviour label-noise rates and loss weights (shape ``(K,)``)."""
+    from ._checks import check_finite
+
+    for name, value in (("label_noise", label_noise), ("loss_weight", loss_weight)):
+        if value is None:
+            continue
+        if jnp.shape(value) != (k,):
+            raise ValueError(f"{name} has shape {jnp.shape(value)}; expected one value per behaviour, (K,) = ({k},)")
+        check_finite(name, value)
+    if label_noise is not None:
+        from ._checks import check_in_range
+
+        check_in_range("label_noise", label_noise, 0.0, 0.5)
+    if loss_weight is not None:
+        from ._checks import check_positive
+
+        check_positive("loss_weight", loss_weight, allow_zero=True)
 
 
 @struct.dataclass
@@ -69,31 +91,67 @@ def _margin_moments(comps, delta):
     return mu, jnp.sqrt(jnp.maximum(var, 0.0))
 
 
+def _per_behavior(comps, values, k):
+    """Component values → per-behaviour conditional means ``(K,)``."""
+    tot = jax.ops.segment_sum(comps.weight, comps.behavior, k)
+    return jax.ops.segment_sum(comps.weight * values, comps.behavior, k) / tot
+
+
+def training_components(dist, label_noise=None, loss_weight=None) -> Components:
+    """Components of the training objective: label noise and per-behaviour loss weights applied.
+
+    With flip rate ``ρ_k`` each clean component ``(π_c, m_c, S_c)`` of behaviour
+    ``k`` splits into ``(π_c(1 − ρ_k), m_c, S_c)`` and ``(π_c ρ_k, −m_c, S_c)``
+    (a flipped label turns ``z = s x`` into ``−z``); a loss weight ``λ_k`` multiplies
+    the behaviour's components' weights. Returns ``2C`` components when
+    ``label_noise`` is given, else ``C``. Source: docs/theory.md §5.
+
+    Args:
+      dist: any distribution with ``components()``.
+      label_noise: ``(K,)`` flip rates in [0, 1/2] or None.
+      loss_weight: ``(K,)`` non-negative weights λ_k or None (all 1).
+    """
+    comps = dist.components()
+    w = comps.weight
+    if loss_weight is not None:
+        w = w * jnp.asarray(loss_weight, w.dtype)[comps.behavior]
+    if label_noise is None:
+        return comps._replace(weight=w)
+    rho = jnp.asarray(label_noise, w.dtype)[comps.behavior]
+    cat = lambda a, b: jnp.concatenate([a, b], axis=0)
+    return Components(cat(w * (1 - rho), w * rho), cat(comps.mean, -comps.mean), cat(comps.cov, comps.cov),
+                      cat(comps.behavior, comps.behavior), cat(comps.sign, -comps.sign))
+
+
 def gaussian_accuracy(dist: GaussianPreference, u):
     """Exact ``P(s uᵀx > 0)`` overall and per behaviour: ``(scalar, (K,))``.
 
     ``= Σ_c π_c Φ(uᵀm_c / √(uᵀS_c u))`` (THEORY.md §3). With ``u = δ`` it is the
-    reward accuracy; with ``u = W_a − W_b`` the policy accuracy.
+    reward accuracy; with ``u = W_a − W_b`` the policy accuracy. Works for any
+    distribution with ``components()`` (exact for Gaussian mixtures).
     """
     comps = dist.components()
     mu, sigma = _margin_moments(comps, u)
-    pc = comps.weight * _prob_positive(mu, sigma)
-    k = dist.num_behaviors
-    per = jax.ops.segment_sum(pc, comps.behavior, k) / dist.weight
-    return jnp.sum(pc), per
+    pc = _prob_positive(mu, sigma)
+    return jnp.sum(comps.weight * pc), _per_behavior(comps, pc, dist.num_behaviors)
 
 
-def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0):
-    """Population loss ``L(δ) = E[ℓ(s δᵀx)]`` in nats; ``delta (d,)`` → scalar."""
-    comps = dist.components()
+def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+                    label_noise=None, loss_weight=None):
+    """Population training objective ``L(δ) = E[λ_k ℓ(s̃ δᵀx)]`` in nats; ``delta (d,)`` → scalar.
+
+    ``s̃`` is the (possibly noisy) training label; see :func:`training_components`.
+    """
+    comps = training_components(dist, label_noise, loss_weight)
     mu, sigma = _margin_moments(comps, delta)
     e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, eps)
     return jnp.sum(comps.weight * e_l)
 
 
-def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0):
+def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+                        label_noise=None, loss_weight=None):
     """Stein-form population gradient ``∇_δ L(δ)``, shape ``(d,)`` (THEORY.md §3)."""
-    comps = dist.components()
+    comps = training_components(dist, label_noise, loss_weight)
     mu, sigma = _margin_moments(comps, delta)
     _, e_l1, e_l2 = expected_loss_terms(loss, mu, sigma, beta, eps)
     s_delta = jnp.einsum("cij,j->ci", comps.cov, delta)
@@ -103,8 +161,12 @@ def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid"
 
 
 def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
-                       u_ref=None, delta_init=None):
-    """Exact population metrics at one head ``δ (d,)`` (dict; see PopulationTrajectory)."""
+                       u_ref=None, delta_init=None, label_noise=None, loss_weight=None):
+    """Exact population metrics at one head ``δ (d,)`` (dict; see PopulationTrajectory).
+
+    Metrics are on the clean labels with unit loss weights (what the model
+    learned); ``grad_norm`` is of the training objective (noise and weights applied).
+    """
     comps = dist.components()
     k = dist.num_behaviors
     u_ref = jnp.zeros_like(delta) if u_ref is None else u_ref
@@ -114,8 +176,9 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
     racc_c = _prob_positive(mu, sigma)
     pmu, psig = _margin_moments(comps, delta + u_ref)
     pacc_c = _prob_positive(pmu, psig)
-    per = lambda v: jax.ops.segment_sum(comps.weight * v, comps.behavior, k) / dist.weight
-    grad = population_gradient(dist, delta, beta=beta, loss=loss, eps=eps)
+    per = lambda v: _per_behavior(comps, v, k)
+    grad = population_gradient(dist, delta, beta=beta, loss=loss, eps=eps, label_noise=label_noise,
+                               loss_weight=loss_weight)
     return {
         "loss": jnp.sum(comps.weight * e_l),
         "reward_accuracy": jnp.sum(comps.weight * racc_c),
@@ -131,7 +194,8 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
 
 def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int, loss: str = "sigmoid",
                           eps=0.0, optimizer=None, record_every: int = 1, head: Head | None = None,
-                          method: str = "gd", substeps: int = 4) -> PopulationTrajectory:
+                          method: str = "gd", substeps: int = 4, label_noise=None,
+                          loss_weight=None) -> PopulationTrajectory:
     """Population (N → ∞) training trajectory of the last-layer head.
 
     Args:
@@ -164,22 +228,28 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
         raise ValueError("method='flow' is plain gradient flow; pass optimizer=None")
     check_int("substeps", substeps)
     steps, record_every = check_schedule(steps, record_every, lr, optimizer)
-    dist = dist.validate()
+    if hasattr(dist, "validate"):
+        dist = dist.validate()
+    if not hasattr(dist, "components") and hasattr(dist, "gaussian_equivalent"):
+        dist = dist.gaussian_equivalent()
+    check_interventions(dist.num_behaviors, label_noise, loss_weight)
     head = Head.zeros(dist.dim) if head is None else head
     if head.dim != dist.dim:
         raise ValueError(f"head has d = {head.dim} but the distribution has d = {dist.dim}; they must match")
     lr = 0.0 if lr is None else lr
-    return _population(dist, head, beta, lr, eps, loss=loss, optimizer=optimizer, steps=steps,
-                       record_every=record_every, method=method, substeps=substeps)
+    return _population(dist, head, beta, lr, eps, label_noise, loss_weight, loss=loss, optimizer=optimizer,
+                       steps=steps, record_every=record_every, method=method, substeps=substeps)
 
 
 @partial(jax.jit, static_argnames=("loss", "optimizer", "steps", "record_every", "method", "substeps"))
-def _population(dist, head, beta, lr, eps, *, loss, optimizer, steps, record_every, method, substeps):
-    dtype = dist.mu_pos.dtype
+def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, optimizer, steps, record_every,
+                method, substeps):
+    dtype = dist.components().mean.dtype
     beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
     d0 = head.delta_init.astype(dtype)
     u_ref = head.u_ref.astype(dtype)
-    grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, eps=eps)
+    grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, eps=eps,
+                                             label_noise=label_noise, loss_weight=loss_weight)
 
     if method == "flow":
         dt = lr / substeps
@@ -212,7 +282,8 @@ def _population(dist, head, beta, lr, eps, *, loss, optimizer, steps, record_eve
 
     def record(carry):
         delta = get_delta(carry)
-        m = population_metrics(dist, delta, beta=beta, loss=loss, eps=eps, u_ref=u_ref, delta_init=d0)
+        m = population_metrics(dist, delta, beta=beta, loss=loss, eps=eps, u_ref=u_ref, delta_init=d0,
+                               label_noise=label_noise, loss_weight=loss_weight)
         return carry[0], m, delta
 
     _, (step, metrics, deltas) = run_recorded(step_fn, record, carry0, steps, record_every)
