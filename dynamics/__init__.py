@@ -7,13 +7,16 @@ THEORY.md (shared spec) and derived in docs/theory.md.
 Data flow: distribution → dynamics (population or empirical) → metrics.
 """
 from .distributions import Components, GaussianPreference, diagonal_cov, isotropic_cov, priority_gap
-from .empirical import METRICS, EmpiricalTrajectory, empirical_trajectory, trajectory_on_data
+from .empirical import METRICS, EmpiricalTrajectory, empirical_trajectory, flip_labels, trajectory_on_data
+from .families import ELLIPTICAL_FAMILIES, EllipticalPreference, GaussianMixturePreference
+from .fitting import BehaviorProperties, behavior_properties, fit_gaussian, ledoit_wolf_shrinkage
 from .gaussian_integrals import sigmoid_family_expectations
 from .head import Head
 from .losses import LOSSES, expected_loss_terms, loss_fn, loss_grad_fn
 from .population import (
     PopulationTrajectory,
     gaussian_accuracy,
+    training_components,
     population_gradient,
     population_loss,
     population_metrics,
@@ -27,5 +30,7 @@ __all__ = [
     "LOSSES", "loss_fn", "loss_grad_fn", "expected_loss_terms", "sigmoid_family_expectations",
     "population_trajectory", "PopulationTrajectory", "population_loss", "population_gradient",
     "population_metrics", "gaussian_accuracy",
-    "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS",
+    "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS", "flip_labels",
+    "EllipticalPreference", "GaussianMixturePreference", "ELLIPTICAL_FAMILIES", "training_components",
+    "fit_gaussian", "behavior_properties", "BehaviorProperties", "ledoit_wolf_shrinkage",
 ]

@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "sims.validate",
     "sims.embed",
     "sims.real",
+    "sims.study",
+    "sims.bench",
 )
 
 

@@ -1,0 +1,1167 @@
+"""``dpo-sims sweep``: many configurations, compiled once per shape, stored in zarr.
+
+A sweep config (TOML, ``docs/sweeps.md``) has a ``[base]`` configuration and
+``[grid]`` axes over its scalar fields; the sweep runs the cartesian product of
+the axes, each with ``seeds`` PRNG seeds, through the core functions
+:func:`dynamics.population_trajectory` and :func:`dynamics.empirical_trajectory`.
+
+Execution (no Python loop over configurations):
+
+* fields that set array shapes or the compiled program (``loss``,
+  ``optimizer``, ``method``, ``n``, ``n_eval``, ``batch_size``, ``steps``,
+  ``record_every``, ``d``) are *static*; the others (``beta``, ``lr``, ``eps``,
+  the distribution parameters, ``kappa``, ``flip_labels``,
+  ``aligned_head_norm``) are *dynamic* and are ``jax.vmap``-ed;
+* the grid is cut into compute chunks: blocks of configurations that share the
+  static values (static axes have block length 1; dynamic axes fill the block
+  from the last axis inwards, up to ``--chunk-size`` configurations). Every
+  chunk of a group is padded to the full block size, so one group compiles once
+  (one ``jax.jit`` of a ``jax.vmap`` over configurations of a ``jax.vmap`` over
+  seeds) and the padding is dropped before writing;
+* each chunk is written to the store when it finishes (``sims.store``); a rerun
+  of the same command skips finished chunks.
+
+Seeds: the PRNG key of seed index ``s`` is
+``jax.random.fold_in(jax.random.key(seed), s)`` (``seed`` is the config's base
+seed, default 0) — the same for every configuration (common random numbers), so
+a stored run is reproduced exactly by
+``dynamics.empirical_trajectory(dist, seed_key(seed, s), ...)`` with ``dist,
+head = build_distribution(fields)`` (:func:`configuration_fields`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.resources
+import itertools
+import json
+import math
+import platform
+import sys
+import time
+import tomllib
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dynamics as dd
+
+from .cli import UsageError
+from .store import ResultsStore, available_memory, config_fingerprint, diverged_summary
+
+__all__ = [
+    "FIELDS",
+    "SweepConfig",
+    "load_config",
+    "parse_config",
+    "builtin_configs",
+    "seed_key",
+    "build_distribution",
+    "configuration_fields",
+    "plan_sweep",
+    "dim_name",
+    "run_sweep",
+    "register",
+]
+
+MODES = ("population", "empirical", "both")
+DISTRIBUTIONS = ("gaussian", "file")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+METHODS = ("gd", "flow")
+SPLITS = ("train", "eval")
+TOP_KEYS = ("name", "description", "seeds", "seed", "base", "grid", "reproduce")
+MAX_AUTO_CHUNK = 256
+_MEMORY_FRACTION = 0.5  # share of available memory one chunk may use
+
+
+# --------------------------------------------------------------------------- fields
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One configuration field.
+
+    kind: "float" | "int" | "str" | "bool". role: "static" (sets shapes or the
+    compiled program; a grid axis over it makes separate groups), "dynamic"
+    (vmapped), "base" (settable only in ``[base]``). per_behavior: may be a
+    list of K values (one per behaviour), and ``<name>_<k>`` is a grid axis.
+    """
+
+    name: str
+    kind: str
+    default: object
+    role: str
+    help: str
+    per_behavior: bool = False
+    choices: tuple = ()
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    generated_only: bool = False  # only for distribution = "gaussian"
+
+
+FIELDS = {f.name: f for f in (
+    Field("mode", "str", "both", "base", "what to run: population (analytic, N → ∞), empirical "
+          "(finite samples, per seed) or both", choices=MODES),
+    Field("loss", "str", "sigmoid", "static", "preference loss (TRL loss_type)", choices=tuple(dd.LOSSES)),
+    Field("beta", "float", 1.0, "dynamic", "β of the loss", low=0.0, low_open=True),
+    Field("eps", "float", 0.0, "dynamic", "label smoothing ε for cdpo / robust", low=0.0, high=0.5, high_open=True),
+    Field("optimizer", "str", "sgd", "static", "optimizer on the head W", choices=OPTIMIZERS),
+    Field("lr", "float", 0.1, "dynamic", "learning rate η on the head W", low=0.0, low_open=True),
+    Field("method", "str", "gd", "static", "population dynamics: gd (discrete steps) or flow "
+          "(gradient flow, RK4, time τ = η t; sgd only)", choices=METHODS),
+    Field("steps", "int", 100, "static", "optimizer steps", low=1),
+    Field("record_every", "int", 1, "static", "record metrics every this many steps (divides steps)", low=1),
+    Field("n", "int", 1024, "static", "training pairs per seed (empirical)", low=1),
+    Field("n_eval", "int", 2048, "static", "held-out pairs per seed (empirical)", low=1),
+    Field("batch_size", "int", 0, "static", "minibatch size; 0 = full batch (GD)", low=0),
+    Field("distribution", "str", "gaussian", "base", "gaussian (generated from the fields below) or file "
+          "(a THEORY.md .npz distribution at `path`)", choices=DISTRIBUTIONS),
+    Field("path", "str", "", "base", "the .npz distribution file (distribution = \"file\"); relative "
+          "to the config file"),
+    Field("d", "int", 16, "static", "embedding dimension (gaussian; ≥ K)", low=1, generated_only=True),
+    Field("distinguishability", "float", 1.0, "dynamic", "Δ_k = ‖μ_k⁺ − μ_k⁻‖ (a list gives K behaviours)",
+          per_behavior=True, low=0.0, generated_only=True),
+    Field("sigma", "float", 1.0, "dynamic", "per-coordinate std σ_k of the embeddings (Σ = σ² I)",
+          per_behavior=True, low=0.0, low_open=True, generated_only=True),
+    Field("p", "float", 0.5, "dynamic", "p_k: probability that behaviour k's preferred answer is 'Yes'",
+          per_behavior=True, low=0.0, high=1.0, generated_only=True),
+    Field("weight", "float", None, "base", "behaviour weights ω_k (list of K, sums to 1; default uniform)",
+          per_behavior=True, low=0.0, generated_only=True),
+    Field("angle", "float", 90.0, "dynamic", "angle in degrees between every two preference directions b_k",
+          low=0.0, high=180.0, generated_only=True),
+    Field("kappa", "float", 1.0, "dynamic", "class-separation scale κ: μ^± → (μ⁺+μ⁻)/2 ± κ(μ⁺−μ⁻)/2 (C5)",
+          low=0.0),
+    Field("flip_labels", "bool", False, "dynamic", "misalignment: swap chosen and rejected (s → −s, C5)"),
+    Field("aligned_head_norm", "float", 0.0, "dynamic", "start from (and use as reference) a head aligned "
+          "with the preference mean m̄ of the unflipped distribution, ‖W_a − W_b‖ = this; 0 = the zero head",
+          low=0.0),
+)}
+
+#: the values that set array shapes or the compiled program (one compile each)
+STATIC_FIELDS = tuple(n for n, f in FIELDS.items() if f.role == "static")
+#: vmapped per configuration, in the order of the parameter arrays
+DYNAMIC_FIELDS = tuple(n for n, f in FIELDS.items() if f.role == "dynamic")
+
+
+def _fail(source, where, msg):
+    raise UsageError(f"{source}: {where}: {msg}")
+
+
+def _suggest(key, valid):
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+    return f" — did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(v):
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _check_scalar(source, where, field: Field, value):
+    """Type and range check of one scalar value; returns it canonicalised."""
+    kind = field.kind
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(source, where, f"expected a number, got {_type_name(value)} {value!r}; write e.g. {where.split('.')[-1].split('[')[0]} = 0.5")
+        value = float(value)
+        if not math.isfinite(value):
+            _fail(source, where, f"got {value}; pass a finite number")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = f"; write {int(value)}" if isinstance(value, float) and float(value).is_integer() else ""
+            _fail(source, where, f"expected an integer, got {_type_name(value)} {value!r}{hint}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            _fail(source, where, f"expected true or false, got {_type_name(value)} {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            _fail(source, where, f"expected a string, got {_type_name(value)} {value!r}")
+        if field.choices and value not in field.choices:
+            _fail(source, where, f"unknown value {value!r}{_suggest(value, field.choices)}; choose one of {list(field.choices)}")
+    if kind in ("float", "int"):
+        lo_ok = field.low is None or (value > field.low if field.low_open else value >= field.low)
+        hi_ok = field.high is None or (value < field.high if field.high_open else value <= field.high)
+        if not (lo_ok and hi_ok):
+            lo = "" if field.low is None else ("(" if field.low_open else "[") + f"{field.low:g}"
+            hi = "" if field.high is None else f"{field.high:g}" + (")" if field.high_open else "]")
+            rng = f"{lo}, {hi}" if lo and hi else (f"> {field.low:g}" if field.low_open else f">= {field.low:g}") if lo else f"<= {field.high:g}"
+            _fail(source, where, f"{field.name} = {value!r} is out of range; pass a value in {rng}")
+    return value
+
+
+def _axis_values(source, where, field: Field, spec):
+    """Expand a grid axis (list or {linspace|logspace = [a, b, k]}) to a list."""
+    if isinstance(spec, dict):
+        if len(spec) != 1 or next(iter(spec)) not in ("linspace", "logspace"):
+            keys = list(spec)
+            bad = [k for k in keys if k not in ("linspace", "logspace")]
+            hint = _suggest(bad[0], ("linspace", "logspace")) if bad else ""
+            _fail(source, where, f"a table axis needs exactly one key, linspace or logspace, got {keys}{hint}; "
+                  "write e.g. {linspace = [0.5, 4, 8]} or a list of values")
+        how, args = next(iter(spec.items()))
+        if field.kind not in ("float", "int"):
+            _fail(source, where, f"{how} needs a numeric field; {field.name} is {field.kind} — give a list of values")
+        if (not isinstance(args, list) or len(args) != 3 or any(isinstance(a, bool) or not isinstance(a, (int, float)) for a in args)
+                or not isinstance(args[2], int) or args[2] < 1):
+            _fail(source, where, f"{how} = {args!r}: expected [start, stop, count] with numbers start, stop "
+                  "and an integer count >= 1")
+        a, b, k = args
+        vals = np.linspace(a, b, k) if how == "linspace" else np.logspace(a, b, k)
+        if field.kind == "int":
+            vals = np.round(vals).astype(int)
+        values = vals.tolist()
+    elif isinstance(spec, list):
+        values = spec
+    else:
+        _fail(source, where, f"expected a list of values or {{linspace|logspace = [a, b, k]}}, got {_type_name(spec)} {spec!r}")
+    if len(values) == 0:
+        _fail(source, where, "the axis has no values; give at least one, e.g. [1.0], or remove the axis")
+    out = [_check_scalar(source, f"{where}[{i}]", field, v) for i, v in enumerate(values)]
+    if len(set(out)) != len(out):
+        dup = sorted({v for v in out if out.count(v) > 1}, key=str)
+        _fail(source, where, f"repeated value(s) {dup}; list each value once")
+    return out
+
+
+# --------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class SweepConfig:
+    """A parsed, validated sweep.
+
+    Attributes:
+      name, description: labels.
+      seeds: number of seeds S (dimension ``seed``); seed: the base seed.
+      base: every field resolved (per-behaviour fields as lists of K).
+      grid: axis name → list of values, in the order written (the dataset's
+        dimension order). An axis is a field name or ``<field>_<k>``.
+      num_behaviors: K. source: where the config came from (for messages).
+      file_dist: the loaded distribution when ``distribution = "file"``.
+      file_sha256: the file's digest (part of the fingerprint).
+    """
+
+    name: str
+    description: str
+    seeds: int
+    seed: int
+    base: dict
+    grid: dict
+    num_behaviors: int
+    source: str
+    file_dist: dd.GaussianPreference | None = None
+    file_sha256: str | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return tuple(self.grid)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(v) for v in self.grid.values())
+
+    @property
+    def num_configs(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.grid else 1
+
+    def axis_field(self, axis: str) -> tuple[str, int | None]:
+        """``"distinguishability_1"`` → ``("distinguishability", 1)``; ``"lr"`` → ``("lr", None)``."""
+        return _split_axis(axis)
+
+    def is_static_axis(self, axis: str) -> bool:
+        return FIELDS[_split_axis(axis)[0]].role == "static"
+
+    def resolved(self) -> dict:
+        """The JSON-serialisable resolved config (stored in the results; its fingerprint)."""
+        out = {"name": self.name, "description": self.description, "seeds": self.seeds, "seed": self.seed,
+               "base": dict(self.base), "grid": {k: list(v) for k, v in self.grid.items()},
+               "key_derivation": "seed s: jax.random.fold_in(jax.random.key(seed), s)"}
+        if self.file_sha256:
+            out["distribution_sha256"] = self.file_sha256
+        return out
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.resolved())
+
+
+#: dataset dimension names that differ from the field name (the metric `loss` keeps its name)
+DIM_NAMES = {"loss": "loss_type"}
+
+
+def dim_name(axis: str) -> str:
+    """Dataset dimension of a grid axis: the axis name, except ``loss`` → ``loss_type`` (TRL's name)."""
+    return DIM_NAMES.get(axis, axis)
+
+
+def _split_axis(axis: str):
+    if axis in FIELDS:
+        return axis, None
+    head, _, tail = axis.rpartition("_")
+    if head in FIELDS and FIELDS[head].per_behavior and tail.isdigit():
+        return head, int(tail)
+    return axis, None
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped in ``sims/configs`` (use as ``builtin:NAME``)."""
+    root = importlib.resources.files("sims") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def read_builtin(name: str) -> str:
+    """Text of the shipped config ``name`` (without ``.toml``).
+
+    Raises UsageError for an unknown name, suggesting the closest.
+    """
+    name = name[:-5] if name.endswith(".toml") else name
+    names = builtin_configs()
+    if name not in names:
+        raise UsageError(f"builtin:{name}: no such shipped config{_suggest(name, names)}; choose one of {names}")
+    return (importlib.resources.files("sims") / "configs" / f"{name}.toml").read_text()
+
+
+def load_config(path) -> SweepConfig:
+    """Read and validate a sweep config file (or ``builtin:NAME``).
+
+    Raises:
+      UsageError: unreadable file, TOML syntax error, or any invalid entry
+        (one line naming the key and the fix).
+    """
+    spath = str(path)
+    if spath.startswith("builtin:"):
+        text, base_dir = read_builtin(spath[len("builtin:"):]), Path.cwd()
+    else:
+        p = Path(spath)
+        if not p.is_file():
+            raise UsageError(f"{p}: no such config file; pass a TOML sweep config (see docs/sweeps.md), "
+                             f"or builtin:NAME with NAME in {builtin_configs()}")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{p}: cannot read the config ({e}); pass a UTF-8 TOML file") from None
+        base_dir = p.parent
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{spath}: not valid TOML ({e}); fix the syntax (see docs/sweeps.md)") from None
+    return parse_config(data, source=spath, base_dir=base_dir)
+
+
+def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> SweepConfig:
+    """Validate a config mapping (as read from TOML) into a :class:`SweepConfig`.
+
+    Checks every key (unknown keys get the closest valid name), every type and
+    range, axes that are empty or repeat a value, and the cross-field rules
+    (``record_every`` divides ``steps``, ``batch_size ≤ n``, ``d ≥ K``,
+    list lengths = K, weights sum to 1, the angle admits K directions,
+    ``method = "flow"`` needs ``optimizer = "sgd"``, ε only for cdpo/robust).
+
+    Raises:
+      UsageError: one line ``SOURCE: KEY: problem; fix``.
+    """
+    base_dir = Path.cwd() if base_dir is None else Path(base_dir)
+    if not isinstance(data, dict):
+        _fail(source, "top level", "expected a TOML table")
+    for key in data:
+        if key not in TOP_KEYS:
+            hint = _suggest(key, TOP_KEYS)
+            if key in FIELDS:
+                hint = f" — put it under [base] (or [grid] to sweep it)"
+            _fail(source, key, f"unknown top-level key{hint}; top-level keys are {list(TOP_KEYS)}")
+    # [reproduce]: analysis settings read by `dpo-sims reproduce`; not part of the sweep
+    name = data.get("name", "sweep")
+    description = data.get("description", "")
+    for key, val in (("name", name), ("description", description)):
+        if not isinstance(val, str):
+            _fail(source, key, f"expected a string, got {_type_name(val)} {val!r}")
+    seeds = data.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        _fail(source, "seeds", f"expected an integer >= 1 (the number of seeds), got {seeds!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**32):
+        _fail(source, "seed", f"expected an integer in [0, 2**32) (the base PRNG seed), got {seed!r}")
+    base_in = data.get("base", {})
+    grid_in = data.get("grid", {})
+    for key, val in (("base", base_in), ("grid", grid_in)):
+        if not isinstance(val, dict):
+            _fail(source, key, f"expected a table [{key}], got {_type_name(val)}")
+
+    # ------------------------------------------------------------- base
+    base = {}
+    for key, val in base_in.items():
+        where = f"base.{key}"
+        if key not in FIELDS:
+            _fail(source, where, f"unknown key{_suggest(key, FIELDS)}; valid keys are listed in docs/sweeps.md "
+                  "and `dpo-sims sweep --help`")
+        field = FIELDS[key]
+        if isinstance(val, list) and field.per_behavior:
+            if not val:
+                _fail(source, where, "empty list; give one value per behaviour, or a single number")
+            base[key] = [_check_scalar(source, f"{where}[{i}]", field, v) for i, v in enumerate(val)]
+        elif isinstance(val, (list, dict)):
+            _fail(source, where, f"expected a single {field.kind} value, got {_type_name(val)}; "
+                  f"to sweep {key}, put it under [grid]")
+        else:
+            base[key] = _check_scalar(source, where, field, val)
+    kind = base.get("distribution", "gaussian")
+    file_dist = file_sha = None
+    if kind == "file":
+        for key in base:
+            if FIELDS[key].generated_only:
+                _fail(source, f"base.{key}", "not used with distribution = \"file\" (the file fixes the "
+                      "distribution); remove it")
+        if not base.get("path"):
+            _fail(source, "base.path", "distribution = \"file\" needs path = \"DIST.npz\" (a THEORY.md .npz file)")
+        fpath = Path(base["path"])
+        fpath = fpath if fpath.is_absolute() else base_dir / fpath
+        if not fpath.is_file():
+            _fail(source, "base.path", f"{fpath}: no such file; pass an existing .npz distribution file")
+        try:
+            file_dist = dd.GaussianPreference.load(fpath)
+        except (ValueError, OSError) as e:
+            _fail(source, "base.path", f"{fpath}: {e}")
+        import hashlib
+
+        file_sha = hashlib.sha256(fpath.read_bytes()).hexdigest()
+        k = file_dist.num_behaviors
+        base["d"] = file_dist.dim
+    else:
+        if "path" in base:
+            _fail(source, "base.path", "only used with distribution = \"file\"; remove it or set distribution = \"file\"")
+        dlist = base.get("distinguishability", FIELDS["distinguishability"].default)
+        k = len(dlist) if isinstance(dlist, list) else 1
+        for key in ("sigma", "p", "weight"):
+            val = base.get(key)
+            if isinstance(val, list) and len(val) != k:
+                _fail(source, f"base.{key}", f"has {len(val)} values but distinguishability gives K = {k} "
+                      "behaviours; give one value per behaviour or a single number")
+    # resolve defaults
+    for key, field in FIELDS.items():
+        if key in base:
+            continue
+        if kind == "file" and field.generated_only:
+            continue
+        base[key] = field.default
+    base["distribution"] = kind
+    if kind == "gaussian":
+        for key in ("distinguishability", "sigma", "p"):
+            if not isinstance(base[key], list):
+                base[key] = [base[key]] * k
+        if base["weight"] is None:
+            base["weight"] = [1.0 / k] * k
+        elif not isinstance(base["weight"], list):
+            _fail(source, "base.weight", f"expected a list of K = {k} weights summing to 1")
+        if abs(sum(base["weight"]) - 1.0) > 1e-6:
+            _fail(source, "base.weight", f"sums to {sum(base['weight']):.6g}; behaviour weights must sum to 1 — "
+                  "divide by their sum")
+        if "weight" in base_in and k == 1 and base["weight"] != [1.0]:
+            _fail(source, "base.weight", "one behaviour has weight [1.0]")
+    else:
+        base.pop("path", None)
+        base["path"] = str(base_in["path"])
+
+    # ------------------------------------------------------------- grid
+    grid = {}
+    for key, spec in grid_in.items():
+        where = f"grid.{key}"
+        fname, idx = _split_axis(key)
+        valid_axes = _grid_axis_names(kind, k)
+        if fname not in FIELDS or key not in valid_axes:
+            if fname in FIELDS and FIELDS[fname].role == "base":
+                _fail(source, where, f"{fname} cannot be swept (a base-only setting); set it in [base]")
+            if fname in FIELDS and FIELDS[fname].generated_only and kind == "file":
+                _fail(source, where, f"{fname} is fixed by the distribution file; remove the axis")
+            if fname in FIELDS and FIELDS[fname].per_behavior and idx is None and k > 1:
+                _fail(source, where, f"there are K = {k} behaviours; sweep one of them with "
+                      f"{', '.join(f'{fname}_{i}' for i in range(k))}")
+            if idx is not None and fname in FIELDS:
+                _fail(source, where, f"behaviour index {idx} is out of range for K = {k}; use {fname}_0 … {fname}_{k - 1}")
+            if key == "seed" or key == "seeds":
+                _fail(source, where, "seeds are not a grid axis; set seeds = S at the top level")
+            _fail(source, where, f"unknown axis{_suggest(key, valid_axes)}; sweepable fields are {sorted(valid_axes)}")
+        grid[key] = _axis_values(source, where, FIELDS[fname], spec)
+    # an element axis and a whole-field axis of the same field both set it
+    for key in grid:
+        fname, idx = _split_axis(key)
+        if idx is not None and fname in grid:
+            _fail(source, f"grid.{key}", f"both grid.{fname} and grid.{key} set {fname}; keep one")
+
+    cfg = SweepConfig(name=name, description=description, seeds=seeds, seed=seed, base=base, grid=grid,
+                      num_behaviors=k, source=source, file_dist=file_dist, file_sha256=file_sha)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _grid_axis_names(kind: str, k: int) -> set[str]:
+    names = set()
+    for key, field in FIELDS.items():
+        if field.role == "base" or (kind == "file" and field.generated_only):
+            continue
+        if field.per_behavior:
+            if k == 1:
+                names.add(key)
+            names.update(f"{key}_{i}" for i in range(k))
+        else:
+            names.add(key)
+    if kind == "gaussian" and k > 1:
+        names.update({"sigma", "p"})  # a whole-field axis sets every behaviour
+    return names
+
+
+def _axis_or_base(cfg: SweepConfig, name: str) -> list:
+    """All values a scalar field takes over the grid (the axis, or the base value)."""
+    return list(cfg.grid[name]) if name in cfg.grid else [cfg.base[name]]
+
+
+def _cross_checks(cfg: SweepConfig) -> None:
+    src, b, k = cfg.source, cfg.base, cfg.num_behaviors
+    where = lambda name: f"grid.{name}" if name in cfg.grid else f"base.{name}"
+    steps, rec = _axis_or_base(cfg, "steps"), _axis_or_base(cfg, "record_every")
+    for s, r in itertools.product(steps, rec):
+        if s % r:
+            _fail(src, where("record_every"), f"record_every = {r} does not divide steps = {s}; pick steps = m * record_every")
+    for bs, n in itertools.product(_axis_or_base(cfg, "batch_size"), _axis_or_base(cfg, "n")):
+        if bs > n:
+            _fail(src, where("batch_size"), f"batch_size = {bs} exceeds n = {n}; pass batch_size <= n, or 0 for full batch")
+    if b["distribution"] == "gaussian":
+        for d in _axis_or_base(cfg, "d"):
+            if d < k:
+                _fail(src, where("d"), f"d = {d} is smaller than K = {k} behaviours; pass d >= {k}")
+        if k > 2:
+            for a in _axis_or_base(cfg, "angle"):
+                if math.cos(math.radians(a)) < -1.0 / (k - 1) - 1e-12:
+                    _fail(src, where("angle"), f"angle = {a}° between every pair of K = {k} directions is impossible "
+                          f"(needs cos(angle) >= -1/(K-1)); pass angle <= {math.degrees(math.acos(-1 / (k - 1))):.4g}")
+    for m, o in itertools.product(_axis_or_base(cfg, "method"), _axis_or_base(cfg, "optimizer")):
+        if m == "flow" and o != "sgd":
+            _fail(src, where("method"), f"method = \"flow\" is plain gradient flow; it needs optimizer = \"sgd\", got {o!r}")
+    eps_vals = _axis_or_base(cfg, "eps")
+    if any(e != 0 for e in eps_vals) and not any(l in ("cdpo", "robust") for l in _axis_or_base(cfg, "loss")):
+        _fail(src, where("eps"), "eps is label smoothing for loss = cdpo or robust; the sweep has neither — "
+              "remove eps or sweep one of those losses")
+    if cfg.base["mode"] != "population" and cfg.num_configs * cfg.seeds > 50_000_000:
+        _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds is too many; shrink the grid")
+
+
+# --------------------------------------------------------------------------- model build
+def seed_key(seed: int, s):
+    """PRNG key of seed index ``s`` (int or array): ``fold_in(key(seed), s)``, the same for every configuration."""
+    root = jax.random.key(seed)
+    s = jnp.asarray(s)
+    if s.ndim == 0:
+        return jax.random.fold_in(root, s)
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(s.reshape(-1)).reshape(s.shape)
+
+
+def _cholesky_psd(g):
+    """Cholesky factor of a small PSD matrix ``(K, K)`` with clipping (works when singular)."""
+    k = g.shape[0]
+    lower = jnp.zeros_like(g)
+    for j in range(k):
+        diag = g[j, j] - jnp.sum(lower[j, :j] ** 2)
+        ljj = jnp.sqrt(jnp.maximum(diag, 0.0))
+        lower = lower.at[j, j].set(ljj)
+        for i in range(j + 1, k):
+            val = (g[i, j] - jnp.sum(lower[i, :j] * lower[j, :j])) / jnp.where(ljj > 0, ljj, 1.0)
+            lower = lower.at[i, j].set(jnp.where(ljj > 0, val, 0.0))
+    return lower
+
+
+def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.GaussianPreference | None = None):
+    """The distribution and head of one configuration (pure; traceable under ``jax.vmap``).
+
+    Args:
+      fields: dynamic values (scalars, or ``(K,)`` for ``distinguishability``,
+        ``sigma``, ``p``, ``weight``): ``distinguishability`` Δ_k, ``sigma`` σ_k,
+        ``p`` p_k, ``weight`` ω_k, ``angle`` (degrees), ``kappa`` κ,
+        ``flip_labels`` (bool), ``aligned_head_norm`` (≥ 0).
+      d: embedding dimension (static; generated distributions).
+      file_dist: a fixed distribution (``distribution = "file"``); then the
+        generated-distribution fields are ignored.
+
+    Construction (docs/sweeps.md):
+
+    1. generated: preference directions ``b_k = Δ_k · row k of L`` padded to
+       ``d``, where ``L`` is the Cholesky factor of the K×K matrix with 1 on the
+       diagonal and cos(angle) elsewhere (behaviour 0 lies along e₁, behaviour
+       1 in the e₁–e₂ plane, …); ``μ_k^± = ±b_k/2``, ``Σ_k^± = σ_k² I``.
+       For K = 1 this is exactly ``GaussianPreference.single(Δ, d, σ, p)``.
+    2. separation (THEORY.md C5): ``μ^± → (μ⁺+μ⁻)/2 ± κ (μ⁺−μ⁻)/2``.
+    3. head: ``u = aligned_head_norm · m̄/‖m̄‖`` (m̄ of step 2's distribution),
+       ``W_ref = W_0 = [u/2; −u/2]`` (V = 2, rows a, b); the zero head when
+       the norm is 0.
+    4. ``flip_labels``: swap ``mu_pos``/``mu_neg`` and ``cov_pos``/``cov_neg``
+       (chosen ↔ rejected, s → −s), keeping p.
+
+    Returns:
+      ``(dist, head)``: :class:`dynamics.GaussianPreference` (K, d) and
+      :class:`dynamics.Head` (2, d).
+    """
+    f = {k: jnp.asarray(v) for k, v in fields.items() if k in DYNAMIC_FIELDS or k == "weight"}
+    if file_dist is None:
+        delta = jnp.atleast_1d(f["distinguishability"]).astype(jnp.result_type(float))
+        k = delta.shape[0]
+        if d is None:
+            raise ValueError("d is required for a generated distribution")
+        cosang = jnp.cos(jnp.deg2rad(f["angle"].astype(delta.dtype)))
+        gram = (1.0 - cosang) * jnp.eye(k, dtype=delta.dtype) + cosang
+        rows = _cholesky_psd(gram) if k > 1 else jnp.ones((1, 1), delta.dtype)
+        dirs = jnp.zeros((k, d), delta.dtype).at[:, :k].set(rows)
+        b = delta[:, None] * dirs
+        sigma = jnp.broadcast_to(f["sigma"].astype(delta.dtype), (k,))
+        p = jnp.broadcast_to(f["p"].astype(delta.dtype), (k,))
+        weight = jnp.broadcast_to(f["weight"].astype(delta.dtype), (k,))
+        dist = dd.GaussianPreference.create(b / 2, -b / 2, dd.isotropic_cov(sigma, d, k), p_pos=p, weight=weight)
+    else:
+        dist = file_dist
+    dtype = dist.mu_pos.dtype
+    kappa = f.get("kappa", jnp.asarray(1.0)).astype(dtype)
+    mid = (dist.mu_pos + dist.mu_neg) / 2
+    half = (dist.mu_pos - dist.mu_neg) / 2
+    dist = dist.replace(mu_pos=mid + kappa * half, mu_neg=mid - kappa * half)
+    mbar = dist.mean
+    norm = jnp.linalg.norm(mbar)
+    hn = f.get("aligned_head_norm", jnp.asarray(0.0)).astype(dtype)
+    u = jnp.where(norm > 0, hn / jnp.where(norm > 0, norm, 1.0), 0.0) * mbar
+    w = jnp.stack([u / 2, -u / 2])
+    head = dd.Head.create(w, w)
+    flip = f.get("flip_labels", jnp.asarray(False)).astype(bool)
+    sw = lambda a, c: (jnp.where(flip, c, a), jnp.where(flip, a, c))
+    mp, mn = sw(dist.mu_pos, dist.mu_neg)
+    cp, cn = sw(dist.cov_pos, dist.cov_neg)
+    dist = dist.replace(mu_pos=mp, mu_neg=mn, cov_pos=cp, cov_neg=cn)
+    return dist, head
+
+
+def configuration_fields(cfg: SweepConfig, index) -> dict:
+    """All field values of one configuration (grid ``index``, one int per axis).
+
+    Returns a dict with every static field (python values) and every dynamic
+    field (floats, or K-lists for per-behaviour ones), ready for
+    :func:`build_distribution` and the core calls. Raises IndexError for an
+    index outside the grid.
+    """
+    index = tuple(int(i) for i in np.atleast_1d(index)) if cfg.grid else ()
+    out = {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.base.items()}
+    for (axis, values), i in zip(cfg.grid.items(), index):
+        fname, idx = _split_axis(axis)
+        v = values[i]
+        if idx is not None:
+            out[fname][idx] = v
+        elif FIELDS[fname].per_behavior and isinstance(out[fname], list):
+            out[fname] = [v] * len(out[fname])
+        else:
+            out[fname] = v
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """Static values of one compile group (hashable; a ``jax.jit`` static argument)."""
+
+    mode: str
+    kind: str
+    num_behaviors: int
+    d: int
+    loss: str
+    optimizer: str
+    method: str
+    n: int
+    n_eval: int
+    batch_size: int
+    steps: int
+    record_every: int
+
+    @property
+    def num_records(self) -> int:
+        return self.steps // self.record_every + 1
+
+
+@dataclasses.dataclass
+class Plan:
+    """How a sweep is cut into compute chunks.
+
+    block: configurations per chunk along each grid axis (static axes 1).
+    chunks: list of per-axis block indices (C order). steps: the union of the
+    recorded steps over groups (the ``step`` coordinate).
+    """
+
+    block: tuple[int, ...]
+    chunks: list[tuple[int, ...]]
+    steps: np.ndarray
+    bytes_per_config: int
+    memory_available: int
+
+    @property
+    def chunk_configs(self) -> int:
+        return int(np.prod(self.block, dtype=np.int64)) if self.block else 1
+
+
+def _bytes_per_config(cfg: SweepConfig, spec: GroupSpec) -> int:
+    """Rough peak memory (bytes) one configuration with all its seeds needs (×2 safety)."""
+    item = jnp.dtype(jnp.result_type(float)).itemsize
+    k, d, t = spec.num_behaviors, spec.d, spec.num_records
+    total = 0
+    if spec.mode in ("empirical", "both"):
+        per_seed = (spec.n + spec.n_eval) * d * (2 * k + 4) + spec.n * d + t * (2 * (9 + 3 * k) + 2 + d)
+        total += cfg.seeds * per_seed
+    if spec.mode in ("population", "both"):
+        total += t * (8 + 3 * k + d) + 8 * k * d * d
+    return int(2 * item * total + 4096)
+
+
+def _group_spec(cfg: SweepConfig, values: dict) -> GroupSpec:
+    return GroupSpec(mode=cfg.base["mode"], kind=cfg.base["distribution"], num_behaviors=cfg.num_behaviors,
+                     d=values["d"], loss=values["loss"], optimizer=values["optimizer"], method=values["method"],
+                     n=values["n"], n_eval=values["n_eval"], batch_size=values["batch_size"],
+                     steps=values["steps"], record_every=values["record_every"])
+
+
+def _static_combos(cfg: SweepConfig):
+    """Every combination of static values in the grid → GroupSpec."""
+    axes = [a for a in cfg.grid if cfg.is_static_axis(a)]
+    out = []
+    for combo in itertools.product(*(cfg.grid[a] for a in axes)):
+        vals = {k: cfg.base[k] for k in STATIC_FIELDS}
+        vals.update(dict(zip(axes, combo)))
+        out.append(_group_spec(cfg, vals))
+    return out
+
+
+def plan_sweep(cfg: SweepConfig, chunk_size: int | None = None, *, block: tuple | None = None,
+               memory: int | None = None) -> Plan:
+    """Cut the grid into compute chunks and check memory.
+
+    Args:
+      chunk_size: configurations per chunk (``None``: automatic, the most that
+        fit in half the available memory, at most 256 and at most the
+        dynamic sub-grid). block: force a block shape (resuming a store).
+      memory: available bytes (default :func:`sims.store.available_memory`).
+
+    Raises:
+      UsageError: one configuration (all seeds) needs more memory than is
+        available, or ``chunk_size`` does not fit.
+    """
+    memory = available_memory() if memory is None else int(memory)
+    specs = _static_combos(cfg)
+    per = max(_bytes_per_config(cfg, s) for s in specs)
+    budget = int(memory * _MEMORY_FRACTION)
+    if per > memory:
+        raise UsageError(
+            f"{cfg.source}: one configuration needs about {per / 2**30:.3g} GiB (seeds x (n + n_eval) x d x ...) "
+            f"but only {memory / 2**30:.3g} GiB is available; lower seeds, n, n_eval or d"
+        )
+    fit = max(1, budget // per)
+    sizes = cfg.shape
+    dyn = [i for i, a in enumerate(cfg.grid) if not cfg.is_static_axis(a)]
+    dyn_total = int(np.prod([sizes[i] for i in dyn], dtype=np.int64)) if dyn else 1
+    if block is None:
+        if chunk_size is None:
+            want = min(fit, MAX_AUTO_CHUNK, dyn_total)
+        else:
+            if chunk_size < 1:
+                raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
+            if chunk_size * per > memory:
+                raise UsageError(
+                    f"--chunk-size {chunk_size} needs about {chunk_size * per / 2**30:.3g} GiB but "
+                    f"{memory / 2**30:.3g} GiB is available; pass --chunk-size <= {max(1, memory // per)} or omit it"
+                )
+            want = chunk_size
+        blk = [1] * len(sizes)
+        remaining = want
+        for i in reversed(dyn):
+            c = max(1, min(sizes[i], remaining))
+            blk[i] = c
+            remaining = max(1, remaining // c)
+        block = tuple(blk)
+    block = tuple(int(b) for b in block)
+    nblocks = [math.ceil(s / b) for s, b in zip(sizes, block)]
+    chunks = list(itertools.product(*(range(n) for n in nblocks)))
+    steps = np.unique(np.concatenate([np.arange(0, s.steps + 1, s.record_every) for s in specs]))
+    return Plan(block=block, chunks=chunks, steps=steps, bytes_per_config=per, memory_available=memory)
+
+
+# --------------------------------------------------------------------------- execution
+def _chunk_configs(cfg: SweepConfig, plan: Plan, chunk):
+    """Grid indices of a chunk's configurations (C order) and the block region."""
+    region, extents, ranges = [], [], []
+    for b, size, blen in zip(chunk, cfg.shape, plan.block):
+        lo, hi = b * blen, min((b + 1) * blen, size)
+        region.append(slice(lo, hi))
+        extents.append(hi - lo)
+        ranges.append(range(lo, hi))
+    idx = np.array(list(itertools.product(*ranges)), dtype=np.int64).reshape(-1, len(cfg.grid)) if ranges \
+        else np.zeros((1, 0), dtype=np.int64)  # no grid: the base configuration alone
+    return idx, tuple(region), tuple(extents)
+
+
+def _chunk_inputs(cfg: SweepConfig, idx: np.ndarray, pad_to: int):
+    """Stacked dynamic parameters ``(pad_to, …)`` and the chunk's static values."""
+    rows = [configuration_fields(cfg, i) for i in idx] if len(idx) else [configuration_fields(cfg, ())]
+    rows = rows + [rows[-1]] * (pad_to - len(rows))
+    statics = {k: rows[0][k] for k in STATIC_FIELDS}
+    dtype = jnp.result_type(float)
+    params = {}
+    for name in DYNAMIC_FIELDS:
+        if cfg.base["distribution"] == "file" and FIELDS[name].generated_only:
+            continue
+        if name == "flip_labels":
+            params[name] = np.array([r[name] for r in rows], dtype=bool)
+        else:
+            params[name] = np.asarray([r[name] for r in rows], dtype=dtype)
+    if cfg.base["distribution"] == "gaussian":
+        params["weight"] = np.asarray([r["weight"] for r in rows], dtype=dtype)
+    return params, statics
+
+
+def _chunk_impl(params, keys, file_dist, spec: GroupSpec):
+    """All configurations of a chunk (leading axis of ``params``) × all seeds (``keys``).
+
+    One ``jax.vmap`` over configurations of the core calls (and an inner
+    ``jax.vmap`` over seed keys for the empirical layer).
+    """
+    opt = None if spec.optimizer == "sgd" else spec.optimizer
+    batch = spec.batch_size or None
+
+    def one(p):
+        beta, lr, eps = p["beta"], p["lr"], p["eps"]
+        dist, head = build_distribution(p, d=spec.d, file_dist=file_dist)
+        out = {
+            "behavior_distinguishability": dist.distinguishability,
+            "behavior_projection": dist.behavior_mean @ dist.mean,
+            "priority_gap": dist.priority_gap,
+        }
+        if spec.mode in ("population", "both"):
+            pop = dd.population_trajectory(dist, beta=beta, lr=lr, eps=eps, steps=spec.steps, loss=spec.loss,
+                                           optimizer=opt, record_every=spec.record_every, head=head,
+                                           method=spec.method)
+            out["population"] = pop.metrics
+            out["population_diverged"] = pop.diverged
+        if spec.mode in ("empirical", "both"):
+            emp = jax.vmap(lambda key: dd.empirical_trajectory(
+                dist, key, n=spec.n, n_eval=spec.n_eval, beta=beta, lr=lr, eps=eps, steps=spec.steps,
+                loss=spec.loss, batch_size=batch, optimizer=opt, record_every=spec.record_every, head=head))(keys)
+            out["train"], out["eval"] = emp.train, emp.eval
+            out["diverged"] = emp.diverged
+            out["cum_batch_mean_norm"] = emp.cum_batch_mean_norm
+        return out
+
+    return jax.vmap(one)(params)
+
+
+#: XLA options of the "fast" compile: backend optimisation off (compiles ~3x faster,
+#: runs ~2-3x slower), chosen automatically for sweeps whose compute is small
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_RUNNERS = {
+    "optimized": jax.jit(_chunk_impl, static_argnames=("spec",)),
+    "fast": jax.jit(_chunk_impl, static_argnames=("spec",), compiler_options=_FAST_COMPILE),
+}
+COMPILE_MODES = ("auto", "fast", "optimized")
+_FAST_WORK_LIMIT = 2e10  # estimated flops below which compile time dominates
+
+
+def _run_chunk(params, keys, file_dist, spec: GroupSpec, compile_mode: str = "optimized"):
+    """Run one chunk with the jitted, vmapped program of ``compile_mode`` ("fast" | "optimized")."""
+    return _RUNNERS[compile_mode](params, keys, file_dist, spec=spec)
+
+
+def work_estimate(cfg: SweepConfig) -> float:
+    """Rough floating-point operations of the whole sweep (for ``compile = "auto"``)."""
+    total = 0.0
+    per_group = cfg.num_configs / max(1, len(_static_combos(cfg)))
+    for spec in _static_combos(cfg):
+        k, d, t = spec.num_behaviors, spec.d, spec.num_records
+        w = 0.0
+        if spec.mode in ("empirical", "both"):
+            batch = spec.batch_size or spec.n
+            w += cfg.seeds * (spec.steps * batch * d * 8 + t * (spec.n + spec.n_eval) * d * 12)
+        if spec.mode in ("population", "both"):
+            w += (spec.steps + t) * 2 * k * (d * d * 4 + 400)
+        total += per_group * w
+    return total
+
+
+def resolve_compile_mode(cfg: SweepConfig, compile_mode: str = "auto") -> str:
+    """"auto" → "fast" when :func:`work_estimate` is below 2e10 flops, else "optimized"."""
+    if compile_mode not in COMPILE_MODES:
+        raise UsageError(f"--compile {compile_mode!r}: choose one of {list(COMPILE_MODES)}")
+    if compile_mode == "auto":
+        return "fast" if work_estimate(cfg) < _FAST_WORK_LIMIT else "optimized"
+    return compile_mode
+
+
+def _layout(cfg: SweepConfig, spec: GroupSpec, params, keys):
+    """Variable name → (dims after the grid dims, dtype) from an abstract evaluation."""
+    shapes = jax.eval_shape(partial(_chunk_impl, spec=spec), params, keys, cfg.file_dist)
+    out = {}
+    for name in ("behavior_distinguishability", "behavior_projection"):
+        out[name] = (("behavior",), np.float32)
+    out["priority_gap"] = (("behavior", "behavior_other"), np.float32)
+    if "population" in shapes:
+        for m, s in shapes["population"].items():
+            out[f"population_{m}"] = (("step", "behavior") if len(s.shape) == 3 else ("step",), np.dtype(s.dtype))
+    if "train" in shapes:
+        for m, s in shapes["train"].items():
+            out[m] = (("seed", "split", "step", "behavior") if len(s.shape) == 4 else ("seed", "split", "step"),
+                      np.dtype(s.dtype))
+        out["cum_batch_mean_norm"] = (("seed", "step"), np.dtype(shapes["cum_batch_mean_norm"].dtype))
+        out["diverged"] = (("seed",), np.bool_)
+    if "population" in shapes:
+        out["population_diverged"] = ((), np.bool_)
+        if "train" not in shapes:
+            out["diverged"] = ((), np.bool_)
+    return out
+
+
+def _behavior_names(cfg: SweepConfig) -> list[str]:
+    if cfg.file_dist is not None and cfg.file_dist.names:
+        return list(cfg.file_dist.names)
+    return [f"behavior_{i}" for i in range(cfg.num_behaviors)]
+
+
+def _make_template(cfg: SweepConfig, plan: Plan, layout: dict):
+    import xarray as xr
+
+    coords = {dim_name(axis): np.asarray(values) for axis, values in cfg.grid.items()}
+    names = _behavior_names(cfg)
+    coords.update({"seed": np.arange(cfg.seeds), "split": np.asarray(SPLITS), "step": plan.steps,
+                   "behavior": np.asarray(names), "behavior_other": np.asarray(names)})
+    sizes = {dim_name(axis): len(v) for axis, v in cfg.grid.items()}
+    sizes.update({"seed": cfg.seeds, "split": 2, "step": len(plan.steps), "behavior": len(names),
+                  "behavior_other": len(names), "chunk": len(plan.chunks)})
+    grid_dims = tuple(dim_name(a) for a in cfg.grid)
+    data_vars, encoding = {}, {}
+    for name, (tail, dtype) in layout.items():
+        dims = grid_dims + tuple(tail)
+        shape = tuple(sizes[d] for d in dims)
+        fill = False if dtype == np.bool_ else np.nan
+        data_vars[name] = (dims, np.broadcast_to(np.asarray(fill, dtype=dtype), shape))
+        encoding[name] = {"chunks": tuple(plan.block) + tuple(sizes[d] for d in tail)}
+    data_vars["chunk_done"] = (("chunk",), np.zeros(len(plan.chunks), dtype=bool))
+    encoding["chunk_done"] = {"chunks": (1,)}
+    ds = xr.Dataset(data_vars, coords={k: v for k, v in coords.items() if k in sizes})
+    ds = ds.drop_vars([c for c in ("seed", "split") if c in ds.coords and c not in
+                       {d for v in ds.data_vars.values() for d in v.dims}])
+    resolved = cfg.resolved()
+    devices = [str(dv) for dv in jax.devices()]
+    ds.attrs.update({
+        "title": f"dpo-sims sweep {cfg.name}",
+        "description": cfg.description,
+        "config": json.dumps(resolved, sort_keys=True),
+        "dynamics_version": dd.__version__,
+        "jax_version": jax.__version__,
+        "jax_devices": devices,
+        "python_version": platform.python_version(),
+        "chunk_block": list(plan.block),
+        "n_chunks": len(plan.chunks),
+        "key_derivation": resolved["key_derivation"],
+        "source": "Im & Li, Understanding the Learning Dynamics of Alignment with Human Feedback, ICML 2024 "
+                  "(arXiv:2403.18742); model in THEORY.md",
+    })
+    return ds, encoding
+
+
+def _assemble(cfg: SweepConfig, spec: GroupSpec, plan: Plan, out: dict, n_valid: int, extents, layout) -> dict:
+    """Device output of a chunk → variable name → array over the region (padding dropped)."""
+    step_pos = np.searchsorted(plan.steps, np.arange(0, spec.steps + 1, spec.record_every))
+    full_steps = len(step_pos) == len(plan.steps)
+    arrays = {}
+
+    def put(name, value, step_axis=None):
+        value = np.asarray(value)[:n_valid]
+        if step_axis is not None and not full_steps:
+            shape = list(value.shape)
+            shape[step_axis] = len(plan.steps)
+            fill = np.full(shape, np.nan, dtype=value.dtype)
+            sl = [slice(None)] * len(shape)
+            sl[step_axis] = step_pos
+            fill[tuple(sl)] = value
+            value = fill
+        arrays[name] = value.reshape(tuple(extents) + value.shape[1:])
+
+    for name in ("behavior_distinguishability", "behavior_projection", "priority_gap"):
+        put(name, out[name])
+    if "population" in out:
+        for m, v in out["population"].items():
+            put(f"population_{m}", v, step_axis=1)
+        put("population_diverged", out["population_diverged"])
+    if "train" in out:
+        for m in out["train"]:
+            put(m, np.stack([np.asarray(out["train"][m]), np.asarray(out["eval"][m])], axis=2), step_axis=3)
+        put("cum_batch_mean_norm", out["cum_batch_mean_norm"], step_axis=2)
+        put("diverged", out["diverged"])
+    elif "population" in out:
+        put("diverged", out["population_diverged"])
+    return {k: v for k, v in arrays.items() if k in layout}
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What :func:`run_sweep` did: the store path, chunk counts, timing and a divergence note."""
+
+    path: Path
+    n_chunks: int
+    computed: int
+    skipped: int
+    seconds: float
+    resumed: bool
+    interrupted: bool = False
+    diverged: str = ""
+
+
+def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite: bool = False,
+              progress: bool = True, log=None, compile_mode: str = "auto") -> SweepResult:
+    """Run (or resume) a sweep and write it to the zarr store ``out``.
+
+    Args:
+      cfg: a validated :class:`SweepConfig`.
+      out: the store directory (``RESULTS.zarr``).
+      chunk_size: configurations per compute chunk (``None`` = automatic);
+        ignored when resuming (the store's layout wins).
+      overwrite: replace an existing store of a different (or unreadable) config.
+      progress: show a tqdm bar over chunks (stderr).
+      log: ``print``-like callable for status lines (default: stderr).
+      compile_mode: "auto" (default), "fast" or "optimized" — see
+        :func:`resolve_compile_mode`; results agree to float rounding.
+
+    Returns:
+      :class:`SweepResult`. On Ctrl-C, the finished chunks are kept and
+      ``interrupted`` is True.
+
+    Raises:
+      UsageError: memory, store mismatch or unreadable store (nothing written).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out)
+    t0 = time.perf_counter()
+    block = None
+    if out.exists() and not overwrite:
+        attrs = ResultsStore.read_attrs(out) if (out / ".zgroup").exists() or (out / "zarr.json").exists() else None
+        if attrs is not None and attrs.get("config_fingerprint") == cfg.fingerprint():
+            block = tuple(attrs["chunk_block"])
+    plan = plan_sweep(cfg, chunk_size, block=block)
+    mode = resolve_compile_mode(cfg, compile_mode)
+    keys = seed_key(cfg.seed, jnp.arange(cfg.seeds))
+    first_idx, _, _ = _chunk_configs(cfg, plan, plan.chunks[0])
+    params0, statics0 = _chunk_inputs(cfg, first_idx, plan.chunk_configs)
+    spec0 = _group_spec(cfg, statics0)
+    layout = _layout(cfg, spec0, params0, keys)
+    store, resumed = ResultsStore.prepare(out, resolved=cfg.resolved(),
+                                          make_template=lambda: _make_template(cfg, plan, layout),
+                                          overwrite=overwrite)
+    done = store.done()
+    todo = [i for i, ok in enumerate(done) if not ok]
+    if resumed:
+        log(f"resuming {out}: {len(plan.chunks) - len(todo)} of {len(plan.chunks)} chunks already done")
+    result = SweepResult(path=out, n_chunks=len(plan.chunks), computed=0, skipped=len(plan.chunks) - len(todo),
+                         seconds=0.0, resumed=resumed)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan.chunks), initial=result.skipped, unit="chunk", desc=f"sweep {cfg.name}",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for i in todo:
+            idx, region, extents = _chunk_configs(cfg, plan, plan.chunks[i])
+            params, statics = _chunk_inputs(cfg, idx, plan.chunk_configs)
+            spec = _group_spec(cfg, statics)
+            outputs = jax.device_get(_run_chunk(params, keys, cfg.file_dist, spec, mode))
+            arrays = _assemble(cfg, spec, plan, outputs, len(idx), extents, layout)
+            store.write_chunk(i, region, arrays)
+            result.computed += 1
+            bar.update(1)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.computed = int(store.done().sum()) - result.skipped
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - t0
+    if not result.interrupted:
+        from .store import open_results
+
+        result.diverged = diverged_summary(open_results(out))
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+def _fields_help() -> str:
+    lines = []
+    for name, f in FIELDS.items():
+        default = "uniform" if f.default is None else json.dumps(f.default)
+        role = {"static": "static, sweepable", "dynamic": "sweepable", "base": "base only"}[f.role]
+        extra = " (or a list of K)" if f.per_behavior else ""
+        choices = f" {{{', '.join(f.choices)}}}" if f.choices else ""
+        lines.append(f"  {name:<19} {f.kind}{extra}{choices} = {default}; {role}. {f.help}")
+    return "\n".join(lines)
+
+
+_EPILOG = """\
+config (TOML; full reference in docs/sweeps.md):
+  name = "my-sweep"            # optional label
+  seeds = 4                    # seeds per configuration (dimension `seed`)
+  seed = 0                     # base seed: seed s uses fold_in(key(seed), s)
+  [base]                       # one configuration; every field has a default
+  mode = "both"
+  distinguishability = 1.0
+  lr = 0.1
+  steps = 100
+  [grid]                       # axes: lists or {{linspace|logspace = [a, b, k]}}
+  distinguishability = [0.5, 1.0, 2.0, 4.0]
+  lr = {{logspace = [-2, -1, 3]}}
+  # per-behaviour element: distinguishability_1 = [0.5, 1, 2]
+
+fields ([base] keys; sweepable ones are [grid] axes):
+{fields}
+
+shipped configs (pass builtin:NAME): {builtins}
+results: xarray.open_zarr(RESULTS.zarr); rerun the same command to resume.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of configurations (TOML) into a zarr results store",
+        description="Run every configuration of a TOML sweep config (base + grid axes, seeds), "
+        "compiled once per shape and vmapped, in chunks written as they finish; rerun to resume.",
+        epilog=_EPILOG.format(fields=_fields_help(), builtins=", ".join(builtin_configs())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="sweep config .toml, or builtin:NAME for a shipped one")
+    p.add_argument("--out", required=True, help="results store directory (e.g. results.zarr)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="configurations per compute chunk (default: automatic from memory, at most 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store of a different config")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (configs, chunks, memory) and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
+                   help="XLA compile: fast (quick compile, slower run), optimized, or auto (fast for small sweeps)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    if args.dry_run:
+        plan = plan_sweep(cfg, args.chunk_size)
+        groups = len(_static_combos(cfg))
+        print(f"# sweep {cfg.name}: {cfg.num_configs} configurations x {cfg.seeds} seeds, axes "
+              f"{dict(zip(cfg.axes, cfg.shape))}; {groups} compile group(s); {len(plan.chunks)} chunks of "
+              f"{plan.chunk_configs} configurations (block {plan.block}); about "
+              f"{plan.bytes_per_config * plan.chunk_configs / 2**20:.1f} MiB per chunk of "
+              f"{plan.memory_available / 2**30:.1f} GiB available; compile "
+              f"{resolve_compile_mode(cfg, args.compile_mode)} (~{work_estimate(cfg):.2g} flops)")
+        return 0
+    res = run_sweep(cfg, out, chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
+                    compile_mode=args.compile_mode)
+    if res.interrupted:
+        print(f"interrupted: {res.skipped + res.computed} of {res.n_chunks} chunks are saved in {out}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"# wrote {out}: {res.n_chunks} chunks ({res.computed} computed, {res.skipped} resumed) in "
+          f"{res.seconds:.1f} s; open with xarray.open_zarr({str(out)!r})")
+    if res.diverged:
+        print(f"# diverged (NaN/inf; see the `diverged` variable): {res.diverged}")
+    return 0

