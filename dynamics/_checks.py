@@ -32,10 +32,14 @@ def check_finite(name: str, value) -> None:
     if arr.dtype == object:
         raise ValueError(f"{name}: object array is not allowed; pass a numeric array")
     if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
-        raise ValueError(
-            f"{name} contains NaN or inf (first at index {bad}); pass finite values"
-        )
+        where = f" (first at index {np.argwhere(~np.isfinite(arr))[0].tolist()})" if arr.ndim else ""
+        raise ValueError(f"{name} contains NaN or inf{where}; pass finite values")
+
+
+def check_scalar(name: str, value) -> None:
+    """A hyper-parameter must be a scalar (sweep it with ``jax.vmap``, not by passing an array)."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}; use jax.vmap to sweep {name}")
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:

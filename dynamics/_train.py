@@ -43,6 +43,9 @@ def check_schedule(steps, record_every, lr, optimizer) -> tuple[int, int]:
     if not isinstance(optimizer, optax.GradientTransformation):
         if lr is None:
             raise ValueError("lr is required unless optimizer is an optax.GradientTransformation")
+        from ._checks import check_scalar
+
+        check_scalar("lr", lr)
         check_positive("lr", lr)
     return steps, record_every
 

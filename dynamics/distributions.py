@@ -10,6 +10,7 @@ components ``c = (k, s)`` (:meth:`GaussianPreference.components`).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import NamedTuple
 
 import jax
@@ -358,6 +359,10 @@ class GaussianPreference:
           FileNotFoundError: no such file.
         """
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such distribution file; write one with GaussianPreference.save(path)")
+        if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a .npz archive; write distribution files with GaussianPreference.save(path)")
         try:
             with np.load(path, allow_pickle=False) as f:
                 missing = [k for k in _NPZ_KEYS if k not in f.files]
@@ -369,6 +374,8 @@ class GaussianPreference:
             if "allow_pickle" in str(e) or "Object arrays" in str(e):
                 raise ValueError(f"{path}: contains object arrays (pickled data), which are refused; save plain numeric arrays and a unicode 'names' array") from None
             raise
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: unreadable .npz archive ({e}); write it with GaussianPreference.save(path)") from None
         return cls.create(arrays["mu_pos"], arrays["mu_neg"], arrays["cov_pos"], arrays["cov_neg"],
                           arrays["p_pos"], arrays["weight"], names)
 

@@ -25,7 +25,7 @@ from ._train import check_schedule, make_optimizer, run_recorded, segment_mean
 from .distributions import GaussianPreference
 from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
-from .population import check_interventions
+from .population import as_default_float, check_interventions
 
 __all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "METRICS"]
 
@@ -105,6 +105,7 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     n_eval = check_int("n_eval", n_eval)
     if hasattr(dist, "validate"):
         dist = dist.validate()
+    dist = as_default_float(dist)
     k = dist.num_behaviors
     check_interventions(k, label_noise, loss_weight)
     key_train, key_eval, key_batch = jax.random.split(key, 3)

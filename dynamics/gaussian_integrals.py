@@ -93,8 +93,9 @@ def sigmoid_family_expectations(mu, sigma, beta):
     mu, sigma, beta = jnp.broadcast_arrays(*map(jnp.asarray, (mu, sigma, beta)))
     dtype = jnp.result_type(mu.dtype, sigma.dtype, beta.dtype, float)
     mu, sigma, beta = (v.astype(dtype) for v in (mu, sigma, beta))
-    tiny = jnp.finfo(dtype).tiny
-    sig = jnp.maximum(sigma, tiny)
+    # σ = 0 takes the point values below; the double `where` keeps autodiff finite there
+    pos = sigma > 0
+    sig = jnp.where(pos, sigma, 1.0)
     z = mu / sig  # standardized distance of the kink: u* = -z
     ustar = jnp.clip(-z, -_L - 1.0, _L + 1.0)
     bs = beta * sig
@@ -132,4 +133,8 @@ def sigmoid_family_expectations(mu, sigma, beta):
     e_softplus = relu_part + sp_r + sp_l
     e_sigmoid_neg = step_part + sg_r - sg_l
     e_ss = ss_r + ss_l
-    return e_softplus, e_sigmoid_neg, e_ss
+    # point mass (σ = 0): the integrands at a = μ
+    point_sg = 1.0 / (1.0 + jnp.exp(beta * mu))
+    return (jnp.where(pos, e_softplus, jnp.logaddexp(0.0, -beta * mu)),
+            jnp.where(pos, e_sigmoid_neg, point_sg),
+            jnp.where(pos, e_ss, point_sg * (1.0 - point_sg)))

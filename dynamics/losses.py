@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._checks import check_choice, check_in_range, check_positive
+from ._checks import check_choice, check_in_range, check_positive, check_scalar, is_concrete
 from .gaussian_integrals import normal_cdf, normal_pdf, sigmoid_family_expectations
 
 __all__ = ["LOSSES", "loss_fn", "loss_grad_fn", "expected_loss_terms", "validate_loss"]
@@ -35,9 +35,14 @@ def validate_loss(loss: str, beta=None, eps=0.0) -> str:
     """Check a loss name, β and ε; raise ``ValueError`` naming the field and the fix."""
     check_choice("loss", loss, LOSSES)
     if beta is not None:
+        check_scalar("beta", beta)
         check_positive("beta", beta)
+    check_scalar("eps", eps)
     if loss in ("cdpo", "robust"):
         check_in_range("eps", eps, 0.0, 0.5, hi_open=True)
+    elif is_concrete(eps) and float(eps) != 0.0:
+        raise ValueError(f"eps={float(eps)} has no effect with loss={loss!r}; it is the label smoothing of "
+                         "'cdpo' and 'robust' — pass eps=0 or choose one of those losses")
     return loss
 
 
@@ -104,11 +109,15 @@ def expected_loss_terms(loss: str, mu, sigma, beta, eps=0.0):
         c = 1.0 / (2.0 * beta)
         return (mu - c) ** 2 + sigma**2, 2.0 * (mu - c), jnp.full_like(mu, 2.0)
     if loss == "hinge":
-        sig = jnp.maximum(sigma, jnp.finfo(dtype).tiny)
+        pos = sigma > 0  # σ = 0: point values (double `where` keeps autodiff finite)
+        sig = jnp.where(pos, sigma, 1.0)
         c = 1.0 / beta
         z = (c - mu) / sig
         e_l = beta * ((c - mu) * normal_cdf(z) + sig * normal_pdf(z))
-        return e_l, -beta * normal_cdf(z), beta * normal_pdf(z) / sig
+        below = (mu < c).astype(dtype)
+        return (jnp.where(pos, e_l, jax.nn.relu(1.0 - beta * mu)),
+                jnp.where(pos, -beta * normal_cdf(z), -beta * below),
+                jnp.where(pos, beta * normal_pdf(z) / sig, 0.0))
     e_sp, e_sg, e_ss = sigmoid_family_expectations(mu, sigma, beta)
     c = _linear_coef(loss, eps)
     return e_sp + c * beta * mu, -beta * e_sg + c * beta, beta**2 * e_ss

@@ -79,16 +79,29 @@ class PopulationTrajectory:
     diverged: jax.Array
 
 
+def as_default_float(tree):
+    """Cast a pytree's floating leaves to the active default float (float32, or float64 under x64)."""
+    dtype = jnp.result_type(float)
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+    return jax.tree_util.tree_map(cast, tree)
+
+
 def _prob_positive(mu, sigma):
     """P(N(mu, sigma²) > 0) with the point-mass limit at sigma = 0."""
     safe = jnp.where(sigma > 0, sigma, 1.0)
     return jnp.where(sigma > 0, normal_cdf(mu / safe), (mu > 0).astype(mu.dtype))
 
 
+def _safe_sqrt(x):
+    """``√max(x, 0)`` with a finite (zero) gradient at 0, so ``jax.grad`` works at δ = 0."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def _margin_moments(comps, delta):
     mu = comps.mean @ delta
     var = jnp.einsum("i,cij,j->c", delta, comps.cov, delta)
-    return mu, jnp.sqrt(jnp.maximum(var, 0.0))
+    return mu, _safe_sqrt(var)
 
 
 def _per_behavior(comps, values, k):
@@ -184,8 +197,8 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
         "reward_accuracy": jnp.sum(comps.weight * racc_c),
         "policy_accuracy": jnp.sum(comps.weight * pacc_c),
         "rewards_margin": beta * jnp.sum(comps.weight * mu),
-        "weight_change": jnp.linalg.norm(delta - delta_init) / jnp.sqrt(2.0),
-        "grad_norm": jnp.linalg.norm(grad),
+        "weight_change": _safe_sqrt(jnp.sum((delta - delta_init) ** 2)) / jnp.sqrt(2.0),
+        "grad_norm": _safe_sqrt(jnp.sum(grad**2)),
         "behavior_loss": per(e_l),
         "behavior_reward_accuracy": per(racc_c),
         "behavior_policy_accuracy": per(pacc_c),
@@ -232,6 +245,7 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
         dist = dist.validate()
     if not hasattr(dist, "components") and hasattr(dist, "gaussian_equivalent"):
         dist = dist.gaussian_equivalent()
+    dist = as_default_float(dist)
     check_interventions(dist.num_behaviors, label_noise, loss_weight)
     head = Head.zeros(dist.dim) if head is None else head
     if head.dim != dist.dim:

@@ -8,7 +8,7 @@ import numpy as np
 
 import dynamics as dd
 
-_COLUMNS = ("loss", "reward_accuracy", "weight_change")
+_COLUMNS = ("loss", "reward_accuracy")
 
 
 def register(sub) -> None:
@@ -26,21 +26,27 @@ def register(sub) -> None:
     p.add_argument("--dist", default=None, help="a THEORY.md .npz distribution file (overrides the above)")
     p.add_argument("--beta", type=float, default=1.0, help="DPO β")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate on the head W")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--loss", default="sigmoid", choices=dd.LOSSES)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps on the head")
+    p.add_argument("--loss", default="sigmoid", choices=dd.LOSSES, help="preference loss (TRL loss_type names)")
     p.add_argument("--eps", type=float, default=0.0, help="label smoothing ε (cdpo, robust)")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"))
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
+                   help="sgd = plain (minibatch) gradient descent")
     p.add_argument("--n", type=int, default=1024, help="training pairs")
     p.add_argument("--n-eval", type=int, default=4096, help="held-out pairs")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size; omit for full-batch GD")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampled pairs and batch order")
     p.add_argument("--rows", type=int, default=6, help="number of steps shown")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.rows < 2:
+        raise ValueError(f"--rows must be >= 2, got {args.rows}")
     if args.dist:
-        dist = dd.GaussianPreference.load(args.dist)
+        try:
+            dist = dd.GaussianPreference.load(args.dist)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--dist: {e}") from None
     else:
         dist = dd.GaussianPreference.single(args.distinguishability, d=args.d, sigma=args.sigma, p=args.p)
     rows = max(2, min(args.rows, args.steps + 1))
@@ -57,6 +63,7 @@ def run(args) -> int:
     header = ["step"]
     for col in _COLUMNS:
         header += [f"{col}:pop", f"{col}:train", f"{col}:eval"]
+    header += ["weight_change:pop", "weight_change:emp"]  # one head: the same on both splits
     widths = [max(len(h), 8) for h in header]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for t in shown:
@@ -64,6 +71,7 @@ def run(args) -> int:
         for col in _COLUMNS:
             vals += [f"{float(pop.metrics[col][t]):.4f}", f"{float(emp.train[col][t]):.4f}",
                      f"{float(emp.eval[col][t]):.4f}"]
+        vals += [f"{float(pop.metrics['weight_change'][t]):.4f}", f"{float(emp.train['weight_change'][t]):.4f}"]
         print("  ".join(v.rjust(w) for v, w in zip(vals, widths)))
     if bool(emp.diverged) or bool(pop.diverged):
         print("# WARNING: the trajectory diverged (NaN/inf); lower lr or beta")

@@ -147,3 +147,42 @@ def test_vmap_over_distributions_matches_loop():
         np.testing.assert_allclose(emp.delta[i], e.delta, rtol=2e-4, atol=1e-6)
     # more distinguishable behaviours learn faster (C1/C2), same σ ordering aside
     assert float(pop.metrics["weight_change"][-1, 1]) > float(pop.metrics["weight_change"][0, 1])
+
+
+def test_more_bad_inputs(tmp_path):
+    dist = dd.GaussianPreference.single(1.0, d=2)
+    with pytest.raises(ValueError, match="beta must be a scalar"):
+        dd.population_trajectory(dist, beta=jnp.array([1.0, 2.0]), lr=0.1, steps=2)
+    with pytest.raises(ValueError, match="lr must be a scalar"):
+        dd.empirical_trajectory(dist, jax.random.key(0), n=4, beta=1.0, lr=jnp.ones(3), steps=2)
+    with pytest.raises(ValueError, match="no effect with loss='sigmoid'"):
+        dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, eps=0.1)
+    (tmp_path / "text.npz").write_text("not an archive")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for name in ("text.npz", "empty.npz"):
+        with pytest.raises(ValueError, match="is not a .npz archive"):
+            dd.GaussianPreference.load(tmp_path / name)
+    with pytest.raises(ValueError, match="is not a .npz archive"):
+        dd.GaussianPreference.load(tmp_path)
+
+
+def test_autodiff_through_population_is_finite_at_zero(x64):
+    """jax.grad of the population loss at δ = 0 equals the Stein gradient (finite, no NaN)."""
+    dist = dd.GaussianPreference.single(1.5, d=3, sigma=0.7)
+    g_ad = jax.grad(lambda v: dd.population_loss(dist, v, beta=2.0))(jnp.zeros(3))
+    g_st = dd.population_gradient(dist, jnp.zeros(3), beta=2.0)
+    np.testing.assert_allclose(np.asarray(g_ad), np.asarray(g_st), atol=1e-12)
+    # and through a whole trajectory, with respect to β
+    dl = jax.grad(lambda b: dd.population_trajectory(dist, beta=b, lr=0.1, steps=3).metrics["loss"][-1])(2.0)
+    h = 1e-6
+    fd = (dd.population_trajectory(dist, beta=2.0 + h, lr=0.1, steps=3).metrics["loss"][-1]
+          - dd.population_trajectory(dist, beta=2.0 - h, lr=0.1, steps=3).metrics["loss"][-1]) / (2 * h)
+    assert abs(float(dl) - float(fd)) < 1e-6
+
+
+def test_float32_distribution_runs_under_x64():
+    dist = dd.GaussianPreference.single(1.0, d=2)  # built in float32
+    with jax.enable_x64(True):
+        traj = dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2)
+        emp = dd.empirical_trajectory(dist, jax.random.key(0), n=8, n_eval=8, beta=1.0, lr=0.1, steps=2)
+        assert traj.metrics["loss"].dtype == jnp.float64 and emp.train["loss"].dtype == jnp.float64
