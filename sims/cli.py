@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"dpo-sims {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dpo-sims {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

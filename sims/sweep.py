@@ -1062,8 +1062,26 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
 
     bar = tqdm(total=len(plan.chunks), initial=result.skipped, unit="chunk", desc=f"sweep {cfg.name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    # Ctrl-C: finish the running chunk (a KeyboardInterrupt inside XLA compilation can crash the
+    # process), save it, then stop; a second Ctrl-C aborts at once, losing only the running chunk.
+    stop = {"requested": False}
+
+    def _on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("interrupt: saving the running chunk, then stopping (Ctrl-C again to abort now)")
+
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         for i in todo:
+            if stop["requested"]:
+                raise KeyboardInterrupt
             idx, region, extents = _chunk_configs(cfg, plan, plan.chunks[i])
             params, statics = _chunk_inputs(cfg, idx, plan.chunk_configs)
             spec = _group_spec(cfg, statics)
@@ -1072,10 +1090,14 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
             store.write_chunk(i, region, arrays)
             result.computed += 1
             bar.update(1)
+        if stop["requested"] and result.computed + result.skipped < len(plan.chunks):
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
         result.computed = int(store.done().sum()) - result.skipped
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
     result.seconds = time.perf_counter() - t0
     if not result.interrupted:
