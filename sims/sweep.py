@@ -50,6 +50,7 @@ import numpy as np
 
 import dynamics as dd
 
+from . import distributed
 from .cli import UsageError
 from .store import ResultsStore, available_memory, config_fingerprint, diverged_summary
 
@@ -863,9 +864,24 @@ COMPILE_MODES = ("auto", "fast", "optimized")
 _FAST_WORK_LIMIT = 2e10  # estimated flops below which compile time dominates
 
 
-def _run_chunk(params, keys, file_dist, spec: GroupSpec, compile_mode: str = "optimized"):
-    """Run one chunk with the jitted, vmapped program of ``compile_mode`` ("fast" | "optimized")."""
-    return _RUNNERS[compile_mode](params, keys, file_dist, spec=spec)
+_SHARDED: dict = {}
+
+
+def _run_chunk(params, keys, file_dist, spec: GroupSpec, compile_mode: str = "optimized", executor=None):
+    """Run one chunk with the jitted, vmapped program of ``compile_mode`` ("fast" | "optimized").
+
+    ``executor`` (:func:`sims.distributed.sharded_executor`) splits the chunk's configurations over
+    its devices with ``jax.shard_map`` (keys and the file distribution replicated); the leading size
+    of ``params`` must then be a multiple of ``executor.chunk_multiple``.
+    """
+    if executor is None:
+        return _RUNNERS[compile_mode](params, keys, file_dist, spec=spec)
+    cache = (spec, compile_mode, executor)
+    if cache not in _SHARDED:
+        _SHARDED[cache] = distributed.shard_over_configs(
+            partial(_chunk_impl, spec=spec), executor.mesh, num_config_args=1,
+            compiler_options=_FAST_COMPILE if compile_mode == "fast" else None)
+    return _SHARDED[cache](params, keys, file_dist)
 
 
 def work_estimate(cfg: SweepConfig) -> float:
@@ -1013,7 +1029,7 @@ class SweepResult:
 
 
 def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite: bool = False,
-              progress: bool = True, log=None, compile_mode: str = "auto") -> SweepResult:
+              progress: bool = True, log=None, compile_mode: str = "auto", executor=None) -> SweepResult:
     """Run (or resume) a sweep and write it to the zarr store ``out``.
 
     Args:
@@ -1026,6 +1042,11 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
       log: ``print``-like callable for status lines (default: stderr).
       compile_mode: "auto" (default), "fast" or "optimized" — see
         :func:`resolve_compile_mode`; results agree to float rounding.
+      executor: ``None`` (default device) or :func:`sims.distributed.sharded_executor` (``--devices``):
+        each chunk's configurations are split over the devices (chunks padded to a multiple of
+        their number). In a multi-process run (:func:`sims.distributed.initialize` first) process 0
+        creates the store, process ``p`` of ``P`` computes and writes the chunks ``i ≡ p (mod P)``
+        (zarr chunks are separate files), and all processes wait for each other at the end.
 
     Returns:
       :class:`SweepResult`. On Ctrl-C, the finished chunks are kept and
@@ -1044,19 +1065,36 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
             block = tuple(attrs["chunk_block"])
     plan = plan_sweep(cfg, chunk_size, block=block)
     mode = resolve_compile_mode(cfg, compile_mode)
+    multiple = getattr(executor, "chunk_multiple", 1)
+    pad_to = -(-plan.chunk_configs // multiple) * multiple  # the same number of configurations per device
+    pid, nproc = jax.process_index(), jax.process_count()
     keys = seed_key(cfg.seed, jnp.arange(cfg.seeds))
     first_idx, _, _ = _chunk_configs(cfg, plan, plan.chunks[0])
-    params0, statics0 = _chunk_inputs(cfg, first_idx, plan.chunk_configs)
+    params0, statics0 = _chunk_inputs(cfg, first_idx, pad_to)
     spec0 = _group_spec(cfg, statics0)
     layout = _layout(cfg, spec0, params0, keys)
-    store, resumed = ResultsStore.prepare(out, resolved=cfg.resolved(),
-                                          make_template=lambda: _make_template(cfg, plan, layout),
-                                          overwrite=overwrite)
+
+    def prepare(ow):
+        return ResultsStore.prepare(out, resolved=cfg.resolved(),
+                                    make_template=lambda: _make_template(cfg, plan, layout), overwrite=ow)
+
+    if nproc > 1:  # process 0 creates the store; the others open it once it exists
+        from jax.experimental import multihost_utils
+
+        if pid == 0:
+            store, resumed = prepare(overwrite)
+        multihost_utils.sync_global_devices("dpo-sims sweep: store ready")
+        if pid != 0:
+            store, resumed = prepare(False)
+    else:
+        store, resumed = prepare(overwrite)
     done = store.done()
-    todo = [i for i, ok in enumerate(done) if not ok]
-    if resumed:
-        log(f"resuming {out}: {len(plan.chunks) - len(todo)} of {len(plan.chunks)} chunks already done")
-    result = SweepResult(path=out, n_chunks=len(plan.chunks), computed=0, skipped=len(plan.chunks) - len(todo),
+    pending = [i for i, ok in enumerate(done) if not ok]
+    todo = [i for i in pending if i % nproc == pid]  # this process's share of the chunks
+    resumed = resumed and len(pending) < len(plan.chunks)
+    if resumed and pid == 0:
+        log(f"resuming {out}: {len(plan.chunks) - len(pending)} of {len(plan.chunks)} chunks already done")
+    result = SweepResult(path=out, n_chunks=len(plan.chunks), computed=0, skipped=len(plan.chunks) - len(pending),
                          seconds=0.0, resumed=resumed)
     from tqdm import tqdm
 
@@ -1083,9 +1121,9 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
             if stop["requested"]:
                 raise KeyboardInterrupt
             idx, region, extents = _chunk_configs(cfg, plan, plan.chunks[i])
-            params, statics = _chunk_inputs(cfg, idx, plan.chunk_configs)
+            params, statics = _chunk_inputs(cfg, idx, pad_to)
             spec = _group_spec(cfg, statics)
-            outputs = jax.device_get(_run_chunk(params, keys, cfg.file_dist, spec, mode))
+            outputs = jax.device_get(_run_chunk(params, keys, cfg.file_dist, spec, mode, executor))
             arrays = _assemble(cfg, spec, plan, outputs, len(idx), extents, layout)
             store.write_chunk(i, region, arrays)
             result.computed += 1
@@ -1099,6 +1137,10 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         bar.close()
+    if nproc > 1 and not result.interrupted:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dpo-sims sweep: all chunks written")
     result.seconds = time.perf_counter() - t0
     if not result.interrupted:
         from .store import open_results
@@ -1160,10 +1202,14 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
                    help="XLA compile: fast (quick compile, slower run), optimized, or auto (fast for small sweeps)")
+    distributed.add_distributed_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    # first, before any JAX computation: join a multi-process run (--coordinator, --num-processes,
+    # --process-id or $DPO_COORDINATOR, $DPO_NUM_PROCESSES, $DPO_PROCESS_ID) and pick --devices
+    pid, nproc, executor = distributed.distributed_from_args(args)
     cfg = load_config(args.config)
     out = Path(args.out)
     if args.dry_run:
@@ -1176,8 +1222,10 @@ def run(args) -> int:
               f"{plan.memory_available / 2**30:.1f} GiB available; compile "
               f"{resolve_compile_mode(cfg, args.compile_mode)} (~{work_estimate(cfg):.2g} flops)")
         return 0
-    res = run_sweep(cfg, out, chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
-                    compile_mode=args.compile_mode)
+    res = run_sweep(cfg, out, chunk_size=args.chunk_size, overwrite=args.overwrite,
+                    progress=not args.no_progress and pid == 0, compile_mode=args.compile_mode, executor=executor)
+    if pid != 0:  # process 0 reports for the whole run
+        return 130 if res.interrupted else 0
     if res.interrupted:
         print(f"interrupted: {res.skipped + res.computed} of {res.n_chunks} chunks are saved in {out}; "
               "rerun the same command to resume", file=sys.stderr)
