@@ -13,6 +13,7 @@ from .fitting import BehaviorProperties, behavior_properties, fit_gaussian, ledo
 from .gaussian_integrals import sigmoid_family_expectations
 from .head import Head
 from .losses import LOSSES, expected_loss_terms, loss_fn, loss_grad_fn
+from . import theory
 from .population import (
     PopulationTrajectory,
     gaussian_accuracy,
@@ -33,4 +34,5 @@ __all__ = [
     "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS", "flip_labels",
     "EllipticalPreference", "GaussianMixturePreference", "ELLIPTICAL_FAMILIES", "training_components",
     "fit_gaussian", "behavior_properties", "BehaviorProperties", "ledoit_wolf_shrinkage",
+    "theory",
 ]
