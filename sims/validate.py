@@ -724,12 +724,19 @@ def check_c5(key, plan, log):
 
 
 # ---------------------------------------------------------------------- output
+def _cell(text) -> str:
+    """A Markdown table cell: pipes inside the text (|gap|, sup|ℓ'|) escaped."""
+    return str(text).replace("|", "\\|")
+
+
 def format_table(rows) -> str:
+    """The validation table in Markdown (one row per :class:`Check`)."""
     head = "| claim | check | configs | seeds | statistic | tolerance | result |\n|---|---|---|---|---|---|---|\n"
     out = []
     for r in rows:
         res = "PASS" if r.passed else ("info" if r.passed is None else "**FAIL**")
-        out.append(f"| {r.claim} | {r.check} | {r.configs} | {r.seeds} | {r.statistic} | {r.tolerance} | {res} |")
+        cells = (r.claim, r.check, r.configs, r.seeds, r.statistic, r.tolerance, res)
+        out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return head + "\n".join(out) + "\n"
 
 
@@ -883,7 +890,7 @@ def write_report(out_dir, rows, figs, files, plan, command, seed, wall):
         format_table(rows),
         "## C4: agreement by |gap| bin",
         "",
-        "| |gap| bin | " + " | ".join(f"{k[1]}, {k[0]}" for k in figs["C4"]["table"]) + " |",
+        "| \\|gap\\| bin | " + " | ".join(f"{k[1]}, {k[0]}" for k in figs["C4"]["table"]) + " |",
         "|---|" + "---|" * len(figs["C4"]["table"]),
     ]
     bins = list(figs["C4"]["table"].values())

@@ -4,7 +4,8 @@ Every prediction is compared with something computed another way: NumPy float64
 re-implementations of the formulas from the raw distribution parameters, finite
 differences of the population dynamics, Monte Carlo samples, or closed forms.
 Also the `dpo-sims validate` entry point (quick plan) end to end.
-Budget measured on 2 shared CPU cores: see the module-level note in the final report.
+Budget (2 shared CPU cores): about 2.5 min of CPU for this file, of which the quick
+validation run is about 1 min; the x64 tests use the `x64` fixture of conftest.py.
 """
 from __future__ import annotations
 
@@ -243,10 +244,10 @@ def test_c2_bound_tight_when_margins_are_very_negative(x64):
     np.testing.assert_allclose(wc[1:] / bound[1:], 1.0, rtol=1e-9)  # |ℓ'| = β(1 − e^{-49}): attained
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "robust"])
-def test_c2_bound_never_violated_on_random_runs(rng, loss):
+def test_c2_bound_never_violated_on_random_runs(rng):
+    """Minibatch SGD, DPO; the other losses are checked by `dpo-sims validate`."""
     dist, _ = make_dist(rng, 2, 4)
-    eps = 0.2 if loss == "robust" else 0.0
+    loss, eps = "sigmoid", 0.0
 
     def run(key, beta, lr):
         tr = dd.empirical_trajectory(dist, key, n=64, beta=beta, lr=lr, steps=15, loss=loss, eps=eps,
