@@ -50,6 +50,16 @@ def check_schedule(steps, record_every, lr, optimizer) -> tuple[int, int]:
     return steps, record_every
 
 
+def check_batch_size(batch_size, n: int):
+    """Validate a minibatch size against ``n`` pairs; ``None`` (or ``n``) means full batch → ``None``."""
+    if batch_size is None:
+        return None
+    batch_size = check_int("batch_size", batch_size)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n or None for full batch")
+    return None if batch_size == n else batch_size
+
+
 def run_recorded(step_fn, record_fn, carry, steps: int, record_every: int):
     """Run ``steps`` steps of ``step_fn``; record ``record_fn`` at steps 0, r, 2r, …, steps.
 

@@ -56,7 +56,7 @@ import numpy as np
 from flax import struct
 
 from ._checks import check_choice, check_finite, check_in_range, check_int, check_positive, is_concrete
-from ._train import check_schedule, make_optimizer, run_recorded
+from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded
 from .distributions import GaussianPreference, _psd_sqrt
 from .gaussian_integrals import normal_cdf
 from .head import Head
@@ -996,12 +996,7 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
     steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)  # lr: below
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size)
-        if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n or None for full batch")
-        if batch_size == n:
-            batch_size = None
+    batch_size = check_batch_size(batch_size, n)
     c, k, d = batch.mu_pos.shape
     dtype = np.dtype(jnp.result_type(float))  # the active default float, as the core engines use
     cfg = _batch_cfg(batch, dtype)

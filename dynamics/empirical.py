@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ._checks import check_choice, check_finite, check_int, is_concrete
-from ._train import check_schedule, make_optimizer, run_recorded, segment_mean
+from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded, segment_mean
 from .distributions import GaussianPreference
 from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
@@ -179,12 +179,7 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
     if head.dim != d:
         raise ValueError(f"head has d = {head.dim} but the data have d = {d}; they must match")
     n = x.shape[0]
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size)
-        if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n or None for full batch")
-        if batch_size == n:
-            batch_size = None
+    batch_size = check_batch_size(batch_size, n)
     lr = 0.0 if lr is None else lr
     s_fit = s if train_labels is None else train_labels
     if jnp.shape(s_fit) != jnp.shape(s):
