@@ -121,6 +121,27 @@ def vmap_core_run(c: int, n: int, d: int, steps: int, *, repeats: int = 1, seed:
     return _best(run, repeats)
 
 
+def minibatch_run(n: int, d: int, batch_size: int, steps: int, *, order_table: bool, repeats: int = 2):
+    """Seconds (best of ``repeats``) of one minibatch-SGD run of the core empirical layer, with the
+    per-epoch order table (``order_table=True``, the default path) or a permutation drawn at every step
+    (the table-free path used past ``dynamics._train.PERM_TABLE_MAX``), and its final training loss.
+    """
+    from dynamics import _train
+
+    saved = _train.PERM_TABLE_MAX
+    _train.PERM_TABLE_MAX = saved if order_table else 0
+    jax.clear_caches()  # the threshold is read at trace time
+    try:
+        dist = dd.GaussianPreference.single(1.0, d)
+        fn = jax.jit(lambda key: dd.empirical_trajectory(dist, key, n=n, n_eval=256, beta=BETA, lr=LR, steps=steps,
+                                                         batch_size=batch_size, record_every=steps).train["loss"])
+        jax.block_until_ready(fn(jax.random.key(0)))  # compile
+        return _best(lambda: jax.block_until_ready(fn(jax.random.key(0))), repeats)
+    finally:
+        _train.PERM_TABLE_MAX = saved
+        jax.clear_caches()
+
+
 def gemm_callable(c: int, n: int, d: int, steps: int, *, dtype=jnp.float32):
     """A compiled, warmed-up zero-argument call of the roofline loop (see :func:`gemm_run`)."""
     e = jax.random.normal(jax.random.key(1), (n, d), dtype)

@@ -49,6 +49,7 @@ SIZES = {
         "exponent_base": dict(c=1024, n=512, d=64, steps=100),
         "exponent_factors": (0.5, 1, 2, 4),
         "rss_configs": (1_000, 10_000, 100_000), "rss": dict(n=1024, d=64, steps=10, chunk_size=1024),
+        "minibatch": dict(n=65536, d=16, batch_size=128, steps=400),
         "repeats": 2,
     },
     "quick": {
@@ -60,6 +61,7 @@ SIZES = {
         "exponent_base": dict(c=512, n=256, d=32, steps=40),
         "exponent_factors": (0.5, 1, 2),
         "rss_configs": (1_000, 10_000), "rss": dict(n=512, d=64, steps=4, chunk_size=1024),
+        "minibatch": dict(n=8192, d=16, batch_size=128, steps=200),
         "repeats": 1,
     },
 }
@@ -138,7 +140,9 @@ def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bo
     ``roofline_vs_configs``, ``exponents``, ``exponent_points``, ``peak_rss``,
     ``vmap_core_config_steps_per_s``, ``independent_draws_config_steps_per_s``,
     ``torch_loop_by_threads``, ``population_vs_core``,
-    ``square_gemm_gflops``, ``load_average`` (start, end) and ``seconds``.
+    ``square_gemm_gflops``, ``minibatch_order`` (minibatch SGD of the core layer with the
+    per-epoch order table vs a permutation per step: seconds, speedup, identical losses),
+    ``load_average`` (start, end) and ``seconds``.
     """
     log0 = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     stages, last = {}, [None, time.perf_counter()]
@@ -229,6 +233,14 @@ def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bo
     vsec, _ = engines.vmap_core_population_run(pv["c"], pv["d"], pv["steps"], repeats=reps)
     report["population_vs_core"] = dict(pv, batched_config_steps_per_s=_rate(pv["c"], pv["steps"], bsec),
                                         vmap_core_config_steps_per_s=_rate(pv["c"], pv["steps"], vsec))
+
+    mb = plan["minibatch"]
+    log(f"minibatch SGD order: per-epoch table vs a permutation per step, {mb}")
+    t_table, loss_table = engines.minibatch_run(**mb, order_table=True, repeats=reps)
+    t_step, loss_step = engines.minibatch_run(**mb, order_table=False, repeats=reps)
+    report["minibatch_order"] = dict(mb, table_seconds=t_table, per_step_seconds=t_step,
+                                     speedup=t_step / t_table,
+                                     identical=bool(np.array_equal(np.asarray(loss_table), np.asarray(loss_step))))
 
     base = plan["exponent_base"]
     exps, points = {}, {}

@@ -82,3 +82,36 @@ def segment_mean(values, segment_ids, num_segments):
     tot = jax.ops.segment_sum(values, segment_ids, num_segments)
     cnt = jax.ops.segment_sum(jnp.ones_like(values), segment_ids, num_segments)
     return jnp.where(cnt > 0, tot / jnp.where(cnt > 0, cnt, 1.0), jnp.nan)
+
+
+#: most int32 entries of a precomputed minibatch-order table (64 MiB); beyond it the
+#: epoch's permutation is recomputed at each step (same values, one sort per step)
+PERM_TABLE_MAX = 1 << 24
+
+
+def epoch_orders(key, n: int, batch_size: int, steps: int, copies: int = 1):
+    """The minibatch orders of every epoch, ``(E, n)`` with ``E = ⌈steps / (n // batch_size)⌉``.
+
+    Epoch ``e`` visits the pairs in the order ``jax.random.permutation(fold_in(key, e), n)``
+    (per-epoch reshuffling; the last partial batch is dropped). Returns ``None`` when
+    ``copies · E · n`` exceeds :data:`PERM_TABLE_MAX` (``copies``: how many such tables are
+    held at once, e.g. one per vmapped configuration); :func:`minibatch_index` then draws
+    the epoch's permutation at each step instead — the same indices either way.
+    """
+    if not epoch_orders_fit(n, batch_size, steps, copies):
+        return None
+    num_epochs = -(-steps // (n // batch_size))
+    return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
+
+
+def epoch_orders_fit(n: int, batch_size: int, steps: int, copies: int = 1) -> bool:
+    """Whether ``copies`` tables of :func:`epoch_orders` fit in :data:`PERM_TABLE_MAX` entries."""
+    return copies * -(-steps // (n // batch_size)) * n <= PERM_TABLE_MAX
+
+
+def minibatch_index(t, key, table, n: int, batch_size: int):
+    """Indices ``(batch_size,)`` of the pairs in step ``t``'s minibatch (see :func:`epoch_orders`)."""
+    per_epoch = n // batch_size
+    epoch = t // per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n) if table is None else table[epoch]
+    return jax.lax.dynamic_slice(perm, ((t % per_epoch) * batch_size,), (batch_size,))

@@ -56,7 +56,8 @@ import numpy as np
 from flax import struct
 
 from ._checks import check_choice, check_finite, check_in_range, check_int, check_positive, is_concrete
-from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded
+from ._train import (check_batch_size, check_schedule, epoch_orders, epoch_orders_fit, make_optimizer, minibatch_index,
+                     run_recorded)
 from .distributions import GaussianPreference, _psd_sqrt
 from .gaussian_integrals import normal_cdf
 from .head import Head
@@ -667,16 +668,19 @@ def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size
     splits = {"train": data(key_train, n), "eval": data(key_eval, n_eval)}
     tr = splits["train"]
 
+    if batch_size is not None and draws == "common":
+        table = epoch_orders(key_batch, n, batch_size, steps)
+    elif batch_size is not None:
+        fits = epoch_orders_fit(n, batch_size, steps, copies=key_batch.shape[0])
+        table = jax.vmap(lambda kk: epoch_orders(kk, n, batch_size, steps))(key_batch) if fits else None
+
     def take(t):
         if batch_size is None:
             return tr["eps"], tr["comp"]
-        per_epoch = n // batch_size
         if draws == "common":
-            perm = jax.random.permutation(jax.random.fold_in(key_batch, t // per_epoch), n)
-            idx = jax.lax.dynamic_slice(perm, ((t % per_epoch) * batch_size,), (batch_size,))
+            idx = minibatch_index(t, key_batch, table, n, batch_size)
             return tr["eps"][idx], tr["comp"][:, idx]
-        perm = jax.vmap(lambda kk: jax.random.permutation(jax.random.fold_in(kk, t // per_epoch), n))(key_batch)
-        idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size, batch_size, axis=1)
+        idx = jax.vmap(lambda kk, tab: minibatch_index(t, kk, tab, n, batch_size))(key_batch, table)
         return jnp.take_along_axis(tr["eps"], idx[:, :, None], axis=1), jnp.take_along_axis(tr["comp"], idx, axis=1)
 
     def opt_update(g, state, param, lr_c):

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from ._checks import check_choice, check_finite, check_int, is_concrete
-from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded, segment_mean
+from ._train import (check_batch_size, check_schedule, epoch_orders, make_optimizer, minibatch_index, run_recorded,
+                     segment_mean)
 from .distributions import GaussianPreference
 from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
@@ -240,13 +241,13 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         "eval": (xe, se, behe, xe @ w0.T, ref_logps(xe, se)),
     }
 
+    table = None if batch_size is None else epoch_orders(key, n, batch_size, steps)
+
     def take(t, *arrays):
         """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped)."""
         if batch_size is None:
             return arrays
-        per_epoch = n // batch_size
-        perm = jax.random.permutation(jax.random.fold_in(key, t // per_epoch), n)
-        idx = jax.lax.dynamic_slice(perm, ((t % per_epoch) * batch_size,), (batch_size,))
+        idx = minibatch_index(t, key, table, n, batch_size)
         return tuple(v[idx] for v in arrays)
 
     if path == "reduced":

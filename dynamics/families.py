@@ -132,6 +132,57 @@ class GaussianMixturePreference:
         w = jnp.full((k,), 1.0 / k) if weight is None else f(weight)
         return cls(mu_pos, mu_neg, cov_pos, cov_neg, mix_pos, mix_neg, p, w).validate()
 
+    @classmethod
+    def from_gaussian(cls, base: GaussianPreference, spread):
+        """Split every class of a Gaussian in two modes along its preference direction, keeping its moments.
+
+        For behaviour ``k`` with preference direction ``v_k = (μ_k⁺ − μ_k⁻)/‖μ_k⁺ − μ_k⁻‖``
+        (``e₁`` when ``Δ_k = 0``), each class ``N(μ, Σ)`` becomes the equal-weight mixture
+        ``½ N(μ + a v_k, Σ − a² v_k v_kᵀ) + ½ N(μ − a v_k, Σ − a² v_k v_kᵀ)`` with
+        ``a² = spread² / (v_kᵀ Σ⁻¹ v_k)``. Its mean and covariance are those of ``base`` exactly,
+        so :meth:`gaussian_equivalent` returns ``base``'s moments, while :meth:`components` is the
+        exact bimodal law: ``spread = 0`` is ``base`` itself, ``spread → 1`` two point-like modes
+        along ``v_k`` (the sub-covariance loses its variance along ``v_k``). Needs ``Σ`` positive
+        definite along ``v_k``. Traceable (vmappable over ``base`` and ``spread``).
+
+        Args:
+          base: a :class:`GaussianPreference` ``(K, d)``.
+          spread: scalar in ``[0, 1)``: the share of the variance along ``v_k`` moved into the
+            separation of the two modes (``a² vᵀΣ⁻¹v``).
+
+        Returns:
+          :class:`GaussianMixturePreference` with ``M = 2`` (shapes ``(K, 2, d)``, ``(K, 2, d, d)``).
+
+        Raises:
+          ValueError: a concrete ``spread`` outside ``[0, 1)``.
+
+        Source: docs/custom-distributions.md (shipped families); moment matching as in THEORY.md §5.
+        """
+        if is_concrete(spread):
+            check_in_range("spread", spread, 0.0, 1.0)
+            if np.any(np.asarray(spread) >= 1.0):
+                raise ValueError(f"spread must be < 1 (spread = 1 leaves no variance along the split), got {spread}; "
+                                 "pass a value in [0, 1)")
+        dtype = base.mu_pos.dtype
+        spread = jnp.asarray(spread, dtype)
+        diff = base.mu_pos - base.mu_neg
+        norm = jnp.linalg.norm(diff, axis=-1, keepdims=True)
+        e1 = jnp.zeros_like(diff).at[..., 0].set(1.0)
+        v = jnp.where(norm > 0, diff / jnp.where(norm > 0, norm, 1.0), e1)  # (K, d)
+
+        def split(mu, cov):
+            quad = jnp.einsum("kd,kd->k", v, jnp.linalg.solve(cov, v[..., None])[..., 0])
+            a = spread * jax.lax.rsqrt(jnp.where(quad > 0, quad, jnp.inf))  # (K,)
+            shift = a[:, None] * v
+            sub_mu = jnp.stack([mu + shift, mu - shift], axis=1)  # (K, 2, d)
+            sub_cov = cov - (a**2)[:, None, None] * v[:, :, None] * v[:, None, :]
+            return sub_mu, jnp.stack([sub_cov, sub_cov], axis=1)
+
+        mp, cp = split(base.mu_pos, base.cov_pos)
+        mn, cn = split(base.mu_neg, base.cov_neg)
+        half = jnp.full(base.p_pos.shape + (2,), 0.5, dtype)
+        return cls(mp, mn, cp, cn, half, half, base.p_pos, base.weight)
+
     def validate(self):
         if not is_concrete(self):
             return self

@@ -97,6 +97,10 @@ def run(args) -> int:
     pv = rep["population_vs_core"]
     print(f"population at d={pv['d']}, C={pv['c']}: batched {pv['batched_config_steps_per_s']:,.0f} vs jax.vmap of the "
           f"core {pv['vmap_core_config_steps_per_s']:,.0f} config-steps/s")
+    mb = rep["minibatch_order"]
+    print(f"minibatch SGD (core, N={mb['n']}, B={mb['batch_size']}, T={mb['steps']}): per-epoch order table "
+          f"{mb['table_seconds']:.3f} s vs a permutation per step {mb['per_step_seconds']:.3f} s = "
+          f"{mb['speedup']:.1f}x, identical losses: {mb['identical']}")
     print("roofline vs C: " + ", ".join(f"C={r['configs']}: {r['roofline_fraction']:.2f}"
                                         for r in rep["roofline_vs_configs"]))
     print("cost exponents (time ~ size^k): " + ", ".join(f"{k} {v:.2f}" for k, v in rep["exponents"].items()))

@@ -568,44 +568,71 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
 def register(sub) -> None:
     """Add the ``embed``, ``properties`` and ``fit`` sub-commands."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    # "%(default).0s" in a help text prints nothing: it stops ArgumentDefaultsHelpFormatter from appending
+    # "(default: None)" to options whose default is described in words or that are required.
     p = sub.add_parser("embed", help="persona statements → embeddings (emb.npz) with a real model",
                        description="Embed each persona question with a sentence-transformers model or a HuggingFace "
-                       "causal LM (last-token input of the output embedding) and write emb.npz. Needs the [embed] "
-                       "extra. Unusable files are skipped and listed.", formatter_class=fmt)
+                       "causal LM (last-token input of the output embedding) and write emb.npz. Runs offline (no "
+                       "downloads); needs the [embed] extra. Unusable files are skipped and listed. Persona data: "
+                       "Anthropic persona statements, Perez et al. 2022, CC-BY-4.0.", formatter_class=fmt)
     p.add_argument("--data", nargs="+", default=None,
-                   help="persona directory or .jsonl files (default: $DPO_DYNAMICS_PERSONA or "
-                        "../shared/data/persona beside the repository)")
+                   help="persona folder or .jsonl files (default: $DPO_DYNAMICS_PERSONA, else "
+                        "../shared/data/persona beside the repository)%(default).0s")
     p.add_argument("--model", default="minilm",
-                   help="local model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--behaviors", nargs="+", default=None, help="behaviour names (file stems) to keep")
-    p.add_argument("--limit", type=int, default=None, help="at most this many statements per behaviour")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
-    p.add_argument("--template", default="{question}", help="prompt template with a {question} placeholder")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--cache-dir", default=None, help=f"embedding cache (default: ${CACHE_ENV} or ~/.cache/dpo-dynamics)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+                   help="local model folder (sentence-transformers or HuggingFace causal LM), or 'minilm' = the "
+                   "packaged all-MiniLM-L6-v2 (d = 384)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="model loader: sentence-transformers (pooled sentence embedding), causal-lm (input of "
+                   "lm_head at the prompt's last token), or auto (sentence-transformers for minilm or a folder with "
+                   "modules.json, else causal-lm first)")
+    p.add_argument("--out", required=True,
+                   help="output .npz: embeddings x (n, d) float32, labels s = ±1, behaviour index and names "
+                   "(read by properties, fit and real; required)%(default).0s")
+    p.add_argument("--behaviors", nargs="+", default=None,
+                   help="behaviour names to keep: persona file stems, e.g. agreeableness (default: all "
+                   "files)%(default).0s")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many statements per behaviour, the first in file order, ≥ 1 (default: "
+                   "all)%(default).0s")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per forward pass, ≥ 1 (larger is faster and needs more memory)")
+    p.add_argument("--template", default="{question}",
+                   help="prompt text; {question} is replaced by each persona question, e.g. "
+                   "'Question: {question} Answer:' (part of the cache key)")
+    p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:N or mps")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"embedding cache folder, keyed by back-end, model, template, file hash and --limit "
+                   f"(default: ${CACHE_ENV}, else ~/.cache/dpo-dynamics)%(default).0s")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the cache (recompute every embedding; default: use it)"
+                   "%(default).0s")
     p.set_defaults(func=run_embed)
 
     p = sub.add_parser("properties", help="per-behaviour n, class balance, distinguishability, concentration, trace",
-                       description="The authors' per-behaviour properties (THEORY.md §2) of an emb.npz, and the "
-                       "priority-gap matrix.", formatter_class=fmt)
-    p.add_argument("embeddings", help="emb.npz from dpo-sims embed")
-    p.add_argument("--out", default=None, help="write the table as CSV")
-    p.add_argument("--out-gap", default=None, help="write the (K, K) priority-gap matrix as CSV")
+                       description="The authors' per-behaviour properties (THEORY.md §2) of an emb.npz — n, "
+                       "n_pos, n_neg, p_pos, distinguishability, concentration, trace — printed as a table, and "
+                       "the (K, K) priority-gap matrix.", formatter_class=fmt)
+    p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed`")
+    p.add_argument("--out", default=None,
+                   help="also write the per-behaviour table to this CSV file (default: print only)%(default).0s")
+    p.add_argument("--out-gap", default=None,
+                   help="write the (K, K) priority-gap matrix (THEORY.md §2) to this CSV file, one row per "
+                   "behaviour (default: not written)%(default).0s")
     p.set_defaults(func=run_properties)
 
     p = sub.add_parser("fit", help="Gaussian fit of an emb.npz → THEORY.md distribution .npz",
                        description="Fit class-conditional Gaussians per behaviour (sample means and covariances) "
-                       "and write the THEORY.md §2 .npz that dpo-sims simulate --dist reads.", formatter_class=fmt)
-    p.add_argument("embeddings", help="emb.npz from dpo-sims embed")
-    p.add_argument("--out", required=True, help="output distribution .npz")
+                       "and write the THEORY.md §2 .npz that `dpo-sims simulate --dist` and a sweep with "
+                       "distribution = \"file\" read.", formatter_class=fmt)
+    p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed`")
+    p.add_argument("--out", required=True, help="output distribution .npz (THEORY.md §2 layout; required)"
+                   "%(default).0s")
     p.add_argument("--shrinkage", default="none",
-                   help="covariance shrinkage: none, ledoit-wolf, or a float in [0, 1] towards (tr S/d) I "
-                        "(use when the per-class count is close to d)")
+                   help="covariance shrinkage of each class covariance S: none (sample covariance), ledoit-wolf "
+                        "(Ledoit–Wolf 2004 α per class), or a float α in [0, 1]: (1 − α) S + α (tr S/d) I "
+                        "(use when the per-class count is close to or below d)")
     p.add_argument("--weight", default="count", choices=("count", "uniform"),
-                   help="behaviour weights: statement counts or uniform")
+                   help="behaviour weights ω_k: count (n_k / n, the data's own mixture) or uniform (1/K)")
     p.set_defaults(func=run_fit)
 
 

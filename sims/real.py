@@ -705,26 +705,49 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
 def register(sub) -> None:
     """Add the ``real`` sub-command."""
     d = RealConfig()
+    # "%(default).0s" in a help text prints nothing: it stops ArgumentDefaultsHelpFormatter from appending
+    # "(default: None)" to options whose default is described in words or that are required.
     p = sub.add_parser("real", help="last-layer DPO on real embeddings vs the Gaussian prediction",
-                       description="Per behaviour: 90/10 split, SGD on the real embeddings (vmapped over behaviours) "
-                       "beside population_trajectory on the Gaussian fit; Spearman ρ, prediction error, priority on "
-                       "pairs, misalignment. Writes real.md, CSVs and figures.",
+                       description="Per behaviour of an emb.npz: a class-stratified train/held-out split "
+                       "(--held-out, 90/10 by default), SGD on the real embeddings (vmapped over behaviours) beside "
+                       "the population prediction (population_trajectory) of the Gaussian fit of the training "
+                       "split. Reports Spearman ρ between distinguishability and the early loss drop (C1), the "
+                       "prediction error in nats, priority on behaviour pairs (C4) and misalignment (C5); writes "
+                       "real.md, summary.json, behaviors.csv, curves.csv, priority.csv and PNG figures to --out. "
+                       "Persona data: Perez et al. 2022, CC-BY-4.0.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("embeddings", help="emb.npz from dpo-sims embed")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--beta", type=float, default=d.beta, help="DPO β")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate on the head W")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size (0 = full batch)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--held-out", type=float, default=d.held_out, help="held-out fraction per behaviour")
-    p.add_argument("--early-steps", type=int, default=d.early_steps, help="t_early for the loss drop and priority")
-    p.add_argument("--loss", default=d.loss, help="objective: sigmoid, cdpo, robust, hinge, ipo")
-    p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="behaviour pairs for priority")
-    p.add_argument("--misalign-steps", type=int, default=d.misalign_steps)
+    p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed` (embeddings, ±1 labels, behaviour index)")
+    p.add_argument("--out", required=True, help="output folder, created if missing (required)%(default).0s")
+    p.add_argument("--beta", type=float, default=d.beta,
+                   help="β > 0 of the loss (dimensionless; for sigmoid the curves depend on β and --lr only "
+                   "through lr·β²)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate η > 0 on the head W (per step)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="minibatch size in preference pairs, ≥ 1; 0 = full batch (gradient descent)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="optimizer steps of the alignment runs, ≥ 1 and ≥ --early-steps")
+    p.add_argument("--held-out", type=float, default=d.held_out,
+                   help="held-out fraction of each behaviour's statements, in (0, 1); 0.1 = a 90/10 split")
+    p.add_argument("--early-steps", type=int, default=d.early_steps,
+                   help="t_early in steps, 1 ≤ t_early ≤ min(--steps, --misalign-steps): the early loss drop "
+                   "L(0) − L(t_early) in nats (C1) and the step at which priority is judged (C4)")
+    p.add_argument("--loss", default=d.loss,
+                   help="preference loss (TRL loss_type): sigmoid (DPO), cdpo, robust, hinge or ipo")
+    p.add_argument("--max-pairs", type=int, default=d.max_pairs,
+                   help="at most this many behaviour pairs (a seeded random subset of the K(K−1)/2; ≥ 1) trained "
+                   "together on one head for priority (C4)")
+    p.add_argument("--misalign-steps", type=int, default=d.misalign_steps,
+                   help="optimizer steps of the flipped-label run (misalignment, C5) from each behaviour's "
+                   "aligned head, ≥ --early-steps")
     p.add_argument("--head", default=d.head, choices=("auto", "zeros", "reference"),
-                   help="initial/reference head: the model's Yes/No rows (causal LM) or zeros")
-    p.add_argument("--shrinkage", default="none", help="covariance shrinkage of the fit: none, ledoit-wolf, or α")
-    p.add_argument("--seed", type=int, default=d.seed)
+                   help="initial and reference head: reference = the model's Yes/No output rows (only in "
+                   "causal-LM embedding files), zeros = the zero head, auto = reference when the file has the rows, "
+                   "else zeros")
+    p.add_argument("--shrinkage", default="none",
+                   help="covariance shrinkage of the Gaussian fit: none (sample covariance S), ledoit-wolf "
+                   "(Ledoit–Wolf α per class), or a float α in [0, 1]: (1 − α) S + α (tr S/d) I")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="integer seed of the split, the subsampling, the pair choice and the SGD batch order")
     p.set_defaults(func=run_cli)
 
 

@@ -169,8 +169,15 @@ class ResultsStore:
         return cls(path), False
 
     @staticmethod
-    def read_attrs(path) -> dict:
+    def read_attrs(path, *, fix: str | None = None) -> dict:
         """Attributes of an existing store.
+
+        Args:
+          path: the store directory.
+          fix: the advice ending the error message, phrased for the calling
+            command (default: the ``dpo-sims sweep`` advice "pass --overwrite
+            to replace it, or choose another --out"; read-only commands such
+            as ``dpo-sims plot`` pass their own, see :func:`open_results`).
 
         Raises:
           UsageError: not readable, or not a dpo-sims results store (names the
@@ -179,6 +186,7 @@ class ResultsStore:
         import zarr
 
         path = Path(path)
+        fix = fix or "pass --overwrite to replace it, or choose another --out"
         try:
             group = zarr.open_group(str(path), mode="r")
             attrs = dict(group.attrs)
@@ -186,12 +194,11 @@ class ResultsStore:
         except Exception as e:  # zarr raises many types for a damaged store
             raise UsageError(
                 f"{path} is not a readable results store ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "pass --overwrite to replace it, or choose another --out"
+                f"{fix}"
             ) from None
         if attrs.get("dpo_sims_store") != STORE_FORMAT or "config_fingerprint" not in attrs:
             raise UsageError(
-                f"{path} is a zarr store but not a dpo-sims results store (format {STORE_FORMAT}); "
-                "pass --overwrite to replace it, or choose another --out"
+                f"{path} is a zarr store but not a dpo-sims results store (format {STORE_FORMAT}); {fix}"
             )
         return attrs
 
@@ -220,8 +227,19 @@ class ResultsStore:
         self._group["chunk_done"][index : index + 1] = np.ones(1, dtype=bool)
 
 
-def open_results(path):
-    """Open a results store as an ``xarray.Dataset`` (lazy; ``xarray.open_zarr``).
+def _rebuild_hint(path) -> str:
+    return (f"check the path, or rebuild the store with `dpo-sims sweep CONFIG.toml --out {path} --overwrite` "
+            "(this replaces it)")
+
+
+def open_results(path, *, fix: str | None = None):
+    """Open a results store as an ``xarray.Dataset`` (lazy; ``xarray.open_zarr``), for reading.
+
+    Args:
+      path: the store directory. fix: the advice ending an error message
+        (default: check the path or rebuild the store with ``dpo-sims sweep …
+        --overwrite`` — phrased for read-only commands such as ``dpo-sims
+        plot``, which have no ``--overwrite`` of their own).
 
     Raises:
       UsageError: missing or unreadable path, naming it and the fix.
@@ -231,11 +249,13 @@ def open_results(path):
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such results store; run `dpo-sims sweep CONFIG.toml --out {path}` first")
-    ResultsStore.read_attrs(path)
+    fix = fix or _rebuild_hint(path)
+    ResultsStore.read_attrs(path, fix=fix)
     try:
         return xr.open_zarr(str(path), consolidated=True)
     except Exception as e:
-        raise UsageError(f"{path} could not be opened by xarray ({type(e).__name__}: {e}); rerun the sweep with --overwrite") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"{path} could not be opened by xarray ({type(e).__name__}: {first}); {fix}") from None
 
 
 def diverged_summary(ds) -> str:

@@ -9,9 +9,14 @@ Execution (no Python loop over configurations):
 
 * fields that set array shapes or the compiled program (``loss``,
   ``optimizer``, ``method``, ``n``, ``n_eval``, ``batch_size``, ``steps``,
-  ``record_every``, ``d``) are *static*; the others (``beta``, ``lr``, ``eps``,
-  the distribution parameters, ``kappa``, ``flip_labels``,
-  ``aligned_head_norm``) are *dynamic* and are ``jax.vmap``-ed;
+  ``record_every``, ``d``, ``family``) are *static*; the others (``beta``,
+  ``lr``, ``eps``, the distribution parameters and sampling weights, ``kappa``,
+  ``flip_labels``, ``aligned_head_norm``, ``init_offset``, ``label_noise``,
+  ``loss_weight``, the families' parameters such as ``nu``) are *dynamic* and
+  are ``jax.vmap``-ed;
+* ``family`` picks the embedding law given the Gaussian's moments
+  (``gaussian``, ``laplace``, ``student_t``, ``mixture`` or one registered with
+  :func:`register_family`);
 * the grid is cut into compute chunks: blocks of configurations that share the
   static values (static axes have block length 1; dynamic axes fill the block
   from the last axis inwards, up to ``--chunk-size`` configurations). Every
@@ -65,6 +70,10 @@ __all__ = [
     "configuration_fields",
     "plan_sweep",
     "dim_name",
+    "FAMILIES",
+    "register_family",
+    "build_family",
+    "rescale_weights",
     "run_sweep",
     "register",
 ]
@@ -102,6 +111,7 @@ class Field:
     high: float | None = None
     high_open: bool = False
     generated_only: bool = False  # only for distribution = "gaussian"
+    family: str | None = None  # a parameter of this family only (see register_family)
 
 
 FIELDS = {f.name: f for f in (
@@ -130,8 +140,9 @@ FIELDS = {f.name: f for f in (
           per_behavior=True, low=0.0, low_open=True, generated_only=True),
     Field("p", "float", 0.5, "dynamic", "p_k: probability that behaviour k's preferred answer is 'Yes'",
           per_behavior=True, low=0.0, high=1.0, generated_only=True),
-    Field("weight", "float", None, "base", "behaviour weights ω_k (list of K, sums to 1; default uniform)",
-          per_behavior=True, low=0.0, generated_only=True),
+    Field("weight", "float", None, "dynamic", "sampling weights ω_k of the behaviours (list of K summing to 1; "
+          "default uniform, or the file's). An axis weight_k sets ω_k and rescales the others to keep the sum 1",
+          per_behavior=True, low=0.0, high=1.0),
     Field("angle", "float", 90.0, "dynamic", "angle in degrees between every two preference directions b_k",
           low=0.0, high=180.0, generated_only=True),
     Field("kappa", "float", 1.0, "dynamic", "class-separation scale κ: μ^± → (μ⁺+μ⁻)/2 ± κ(μ⁺−μ⁻)/2 (C5)",
@@ -140,12 +151,132 @@ FIELDS = {f.name: f for f in (
     Field("aligned_head_norm", "float", 0.0, "dynamic", "start from (and use as reference) a head aligned "
           "with the preference mean m̄ of the unflipped distribution, ‖W_a − W_b‖ = this; 0 = the zero head",
           low=0.0),
+    Field("init_offset", "float", 0.0, "dynamic", "reference ≠ initial head: W_0 − W_ref = init_offset · [v/2; −v/2], "
+          "v = m̄/‖m̄‖ (> 0 starts ahead of the reference along the preference mean, < 0 behind); 0 = W_0 = W_ref"),
+    Field("label_noise", "float", 0.0, "dynamic", "flip rate of the training labels of behaviour k "
+          "(held-out labels and metrics stay clean); 0.5 = pure noise", per_behavior=True, low=0.0, high=0.5),
+    Field("loss_weight", "float", 1.0, "dynamic", "loss weight λ_k of behaviour k (re-weighting; 0 removes its "
+          "gradient)", per_behavior=True, low=0.0),
+    Field("family", "str", "gaussian", "static", "embedding law with the moments built above: gaussian, laplace, "
+          "student_t (parameter nu), mixture (parameter mixture_spread) or a registered custom family "
+          "(sims.sweep.register_family, --import)", choices=("gaussian",)),
 )}
 
 #: the values that set array shapes or the compiled program (one compile each)
 STATIC_FIELDS = tuple(n for n, f in FIELDS.items() if f.role == "static")
-#: vmapped per configuration, in the order of the parameter arrays
-DYNAMIC_FIELDS = tuple(n for n, f in FIELDS.items() if f.role == "dynamic")
+
+
+def dynamic_fields() -> tuple[str, ...]:
+    """Names of the vmapped fields, including the parameters of registered families."""
+    return tuple(n for n, f in FIELDS.items() if f.role == "dynamic")
+
+
+# --------------------------------------------------------------------------- families
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An embedding law of the sweep engine (``family = NAME``); see :func:`register_family`."""
+
+    name: str
+    build: object
+    params: tuple[str, ...]
+    help: str
+
+
+#: registered families, by name (the shipped ones are registered at import)
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, build, *, params: dict | None = None, help: str = "", replace: bool = False) -> Family:
+    """Make a distribution family available to sweeps as ``family = "NAME"`` (static axis ``family``).
+
+    The sweep builds, per configuration, the Gaussian of the config fields (means, covariances,
+    p, weights, κ, flipped labels; :func:`build_distribution`) and hands it to ``build`` with the
+    family's parameters; the result goes through both layers as in docs/custom-distributions.md:
+    the empirical layer calls its ``sample(key, n)``, the analytic layer its ``components()`` (exact)
+    or ``gaussian_equivalent()`` (moment-matched prediction). Keep the Gaussian's per-class means
+    and covariances if the analytic column should be the moment-matched prediction.
+
+    Args:
+      name: the family's name (a Python identifier, not already registered unless ``replace``).
+      build: ``build(gaussian: dynamics.GaussianPreference, params: dict[str, jax.Array]) ->
+        distribution``: pure and traceable (it runs under ``jax.vmap``; each param is a scalar array).
+      params: the family's scalar float parameters, ``{name: default}`` or ``{name: {"default": v,
+        "low": a, "high": b, "low_open": bool, "high_open": bool, "help": str}}``. Each becomes a
+        sweep field (``[base]`` key and ``[grid]`` axis, vmapped), valid only when the family is used.
+      help: one line for ``dpo-sims sweep --help``.
+      replace: allow re-registering ``name`` (its old parameters are removed first).
+
+    Returns:
+      the :class:`Family`.
+
+    Raises:
+      ValueError: a bad name, a name already registered (without ``replace``), a parameter name
+        that is already a field, a non-numeric default, or a default outside its range.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"family name {name!r} must be a Python identifier, e.g. 'uniform_noise'")
+    if not callable(build):
+        raise ValueError(f"build for family {name!r} must be callable: build(gaussian, params) -> distribution")
+    if name in FAMILIES:
+        if not replace:
+            raise ValueError(f"family {name!r} is already registered; pick another name or pass replace=True")
+        for old in FAMILIES.pop(name).params:
+            FIELDS.pop(old, None)
+    new_fields = []
+    for pname, spec in (params or {}).items():
+        spec = dict(spec) if isinstance(spec, dict) else {"default": spec}
+        unknown = set(spec) - {"default", "low", "high", "low_open", "high_open", "help"}
+        if unknown:
+            raise ValueError(f"family {name!r}, parameter {pname!r}: unknown spec keys {sorted(unknown)}; use "
+                             "default, low, high, low_open, high_open, help")
+        if not isinstance(pname, str) or not pname.isidentifier():
+            raise ValueError(f"family {name!r}: parameter name {pname!r} must be a Python identifier")
+        if pname in FIELDS or _split_axis(pname)[1] is not None:
+            raise ValueError(f"family {name!r}: parameter {pname!r} clashes with the sweep field "
+                             f"{_split_axis(pname)[0]!r}; rename it (e.g. {name}_{pname})")
+        default = spec.get("default")
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            raise ValueError(f"family {name!r}, parameter {pname!r}: default must be a number, got {default!r}")
+        field = Field(pname, "float", float(default), "dynamic",
+                      spec.get("help", f"parameter of family {name}"), low=spec.get("low"),
+                      low_open=bool(spec.get("low_open", False)), high=spec.get("high"),
+                      high_open=bool(spec.get("high_open", False)), family=name)
+        try:
+            _check_scalar(f"register_family({name!r})", f"params.{pname}.default", field, float(default))
+        except UsageError as e:
+            raise ValueError(str(e)) from None
+        new_fields.append(field)
+    for field in new_fields:
+        FIELDS[field.name] = field
+    fam = Family(name, build, tuple(f.name for f in new_fields), help)
+    FAMILIES[name] = fam
+    FIELDS["family"] = dataclasses.replace(FIELDS["family"], choices=tuple(FAMILIES))
+    return fam
+
+
+def build_family(family: str, gaussian: dd.GaussianPreference, fields: dict):
+    """The distribution of family ``family`` with the moments of ``gaussian`` (traceable).
+
+    Args:
+      family: a registered family name (static).
+      gaussian: :class:`dynamics.GaussianPreference` ``(K, d)`` from :func:`build_distribution`.
+      fields: the configuration's values; the family's parameters are read from it.
+
+    Raises:
+      ValueError: an unknown family (named, with the registered ones).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; registered: {sorted(FAMILIES)} (register_family)")
+    fam = FAMILIES[family]
+    dtype = gaussian.mu_pos.dtype
+    return fam.build(gaussian, {k: jnp.asarray(fields[k]).astype(dtype) for k in fam.params})
+
+
+def _elliptical(kind):
+    def build(g, p):
+        nu = p["nu"] if kind == "student_t" else jnp.asarray(jnp.inf, g.mu_pos.dtype)
+        return dd.EllipticalPreference(g, nu, kind)
+    return build
 
 
 def _fail(source, where, msg):
@@ -305,6 +436,21 @@ def _split_axis(axis: str):
     return axis, None
 
 
+# the shipped families (docs/custom-distributions.md); custom ones use the same call
+register_family("gaussian", lambda g, p: g, help="the Gaussian itself (THEORY.md §1)")
+register_family("laplace", _elliptical("laplace"), help="multivariate Laplace with the Gaussian's moments")
+register_family("student_t", _elliptical("student_t"),
+                params={"nu": {"default": 5.0, "low": 2.0, "low_open": True,
+                               "help": "Student-t degrees of freedom ν > 2 (family student_t; finite covariance)"}},
+                help="multivariate Student-t (ν) with the Gaussian's moments")
+register_family("mixture", lambda g, p: dd.GaussianMixturePreference.from_gaussian(g, p["mixture_spread"]),
+                params={"mixture_spread": {"default": 0.5, "low": 0.0, "high": 1.0, "high_open": True,
+                                           "help": "family mixture: each class splits into two modes along its "
+                                                   "preference direction, keeping its moments; 0 = Gaussian, "
+                                                   "→ 1 = two point-like modes"}},
+                help="two-mode Gaussian mixture per class with the Gaussian's moments (exact analytic layer)")
+
+
 def builtin_configs() -> list[str]:
     """Names of the configs shipped in ``sims/configs`` (use as ``builtin:NAME``)."""
     root = importlib.resources.files("sims") / "configs"
@@ -433,11 +579,11 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
             _fail(source, "base.path", "only used with distribution = \"file\"; remove it or set distribution = \"file\"")
         dlist = base.get("distinguishability", FIELDS["distinguishability"].default)
         k = len(dlist) if isinstance(dlist, list) else 1
-        for key in ("sigma", "p", "weight"):
-            val = base.get(key)
-            if isinstance(val, list) and len(val) != k:
-                _fail(source, f"base.{key}", f"has {len(val)} values but distinguishability gives K = {k} "
-                      "behaviours; give one value per behaviour or a single number")
+    origin = "the distribution file has" if kind == "file" else "distinguishability gives"
+    for key, val in base.items():
+        if FIELDS[key].per_behavior and isinstance(val, list) and len(val) != k:
+            _fail(source, f"base.{key}", f"has {len(val)} values but {origin} K = {k} behaviours; give one "
+                  "value per behaviour or a single number")
     # resolve defaults
     for key, field in FIELDS.items():
         if key in base:
@@ -446,20 +592,17 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
             continue
         base[key] = field.default
     base["distribution"] = kind
-    if kind == "gaussian":
-        for key in ("distinguishability", "sigma", "p"):
-            if not isinstance(base[key], list):
-                base[key] = [base[key]] * k
-        if base["weight"] is None:
-            base["weight"] = [1.0 / k] * k
-        elif not isinstance(base["weight"], list):
-            _fail(source, "base.weight", f"expected a list of K = {k} weights summing to 1")
-        if abs(sum(base["weight"]) - 1.0) > 1e-6:
-            _fail(source, "base.weight", f"sums to {sum(base['weight']):.6g}; behaviour weights must sum to 1 — "
-                  "divide by their sum")
-        if "weight" in base_in and k == 1 and base["weight"] != [1.0]:
-            _fail(source, "base.weight", "one behaviour has weight [1.0]")
-    else:
+    for key, field in FIELDS.items():
+        if field.per_behavior and key != "weight" and key in base and not isinstance(base[key], list):
+            base[key] = [base[key]] * k
+    if base["weight"] is None:
+        base["weight"] = ([float(w) for w in np.asarray(file_dist.weight)] if kind == "file" else [1.0 / k] * k)
+    elif not isinstance(base["weight"], list):
+        _fail(source, "base.weight", f"expected a list of K = {k} weights summing to 1")
+    if abs(sum(base["weight"]) - 1.0) > 1e-6:
+        _fail(source, "base.weight", f"sums to {sum(base['weight']):.6g}; behaviour weights must sum to 1 — "
+              "divide by their sum")
+    if kind == "file":
         base.pop("path", None)
         base["path"] = str(base_in["path"])
 
@@ -474,6 +617,10 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
                 _fail(source, where, f"{fname} cannot be swept (a base-only setting); set it in [base]")
             if fname in FIELDS and FIELDS[fname].generated_only and kind == "file":
                 _fail(source, where, f"{fname} is fixed by the distribution file; remove the axis")
+            if fname == "weight" and (idx is None or k == 1):
+                _fail(source, where, "sampling weights are swept one behaviour at a time: "
+                      + (f"use {', '.join(f'weight_{i}' for i in range(k))} (the others are rescaled to keep "
+                         "the sum 1)" if k > 1 else "with one behaviour ω = 1; there is nothing to sweep"))
             if fname in FIELDS and FIELDS[fname].per_behavior and idx is None and k > 1:
                 _fail(source, where, f"there are K = {k} behaviours; sweep one of them with "
                       f"{', '.join(f'{fname}_{i}' for i in range(k))}")
@@ -489,6 +636,18 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
         if idx is not None and fname in grid:
             _fail(source, f"grid.{key}", f"both grid.{fname} and grid.{key} set {fname}; keep one")
 
+    # family parameters: only those of the families the sweep uses (a family registered later
+    # does not change the resolved config of sweeps that do not use it)
+    used = set(grid.get("family", [base["family"]]))
+    for key in list(base):
+        fam = FIELDS[key].family
+        if fam is None or fam in used:
+            continue
+        if key in base_in or key in grid:
+            where = f"grid.{key}" if key in grid else f"base.{key}"
+            _fail(source, where, f"{key} is a parameter of family {fam!r}, which this sweep does not use; set "
+                  f"family = \"{fam}\" (or sweep family with it), or remove {key}")
+        del base[key]
     cfg = SweepConfig(name=name, description=description, seeds=seeds, seed=seed, base=base, grid=grid,
                       num_behaviors=k, source=source, file_dist=file_dist, file_sha256=file_sha)
     _cross_checks(cfg)
@@ -500,14 +659,17 @@ def _grid_axis_names(kind: str, k: int) -> set[str]:
     for key, field in FIELDS.items():
         if field.role == "base" or (kind == "file" and field.generated_only):
             continue
-        if field.per_behavior:
+        if key == "weight":
+            if k > 1:  # ω_k of one behaviour (the others rescaled); one behaviour always has ω = 1
+                names.update(f"{key}_{i}" for i in range(k))
+        elif field.per_behavior:
             if k == 1:
                 names.add(key)
             names.update(f"{key}_{i}" for i in range(k))
         else:
             names.add(key)
-    if kind == "gaussian" and k > 1:
-        names.update({"sigma", "p"})  # a whole-field axis sets every behaviour
+    if k > 1:  # a whole-field axis sets every behaviour
+        names.update({"label_noise", "loss_weight"} | ({"sigma", "p"} if kind == "gaussian" else set()))
     return names
 
 
@@ -538,6 +700,15 @@ def _cross_checks(cfg: SweepConfig) -> None:
     for m, o in itertools.product(_axis_or_base(cfg, "method"), _axis_or_base(cfg, "optimizer")):
         if m == "flow" and o != "sgd":
             _fail(src, where("method"), f"method = \"flow\" is plain gradient flow; it needs optimizer = \"sgd\", got {o!r}")
+    waxes = [a for a in cfg.grid if _split_axis(a)[0] == "weight"]
+    for combo in itertools.product(*(cfg.grid[a] for a in waxes)) if waxes else ():
+        total = sum(combo)
+        if total > 1 + 1e-9:
+            _fail(src, f"grid.{waxes[-1]}", f"{' + '.join(waxes)} = {total:.6g} > 1 for {list(combo)}; sampling "
+                  "weights of the swept behaviours must leave 1 − their sum ≥ 0 to the others")
+        if len(waxes) == k and abs(total - 1) > 1e-6:
+            _fail(src, f"grid.{waxes[-1]}", f"every behaviour's weight is swept, so each combination must sum to 1; "
+                  f"{list(combo)} sums to {total:.6g} — sweep K − 1 of them (the last is 1 − their sum)")
     eps_vals = _axis_or_base(cfg, "eps")
     if any(e != 0 for e in eps_vals) and not any(l in ("cdpo", "robust") for l in _axis_or_base(cfg, "loss")):
         _fail(src, where("eps"), "eps is label smoothing for loss = cdpo or robust; the sweep has neither — "
@@ -577,7 +748,8 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
       fields: dynamic values (scalars, or ``(K,)`` for ``distinguishability``,
         ``sigma``, ``p``, ``weight``): ``distinguishability`` Δ_k, ``sigma`` σ_k,
         ``p`` p_k, ``weight`` ω_k, ``angle`` (degrees), ``kappa`` κ,
-        ``flip_labels`` (bool), ``aligned_head_norm`` (≥ 0).
+        ``flip_labels`` (bool), ``aligned_head_norm`` (≥ 0), ``init_offset``.
+        Missing keys take their defaults (``weight``: uniform, or the file's).
       d: embedding dimension (static; generated distributions).
       file_dist: a fixed distribution (``distribution = "file"``); then the
         generated-distribution fields are ignored.
@@ -590,9 +762,10 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
        1 in the e₁–e₂ plane, …); ``μ_k^± = ±b_k/2``, ``Σ_k^± = σ_k² I``.
        For K = 1 this is exactly ``GaussianPreference.single(Δ, d, σ, p)``.
     2. separation (THEORY.md C5): ``μ^± → (μ⁺+μ⁻)/2 ± κ (μ⁺−μ⁻)/2``.
-    3. head: ``u = aligned_head_norm · m̄/‖m̄‖`` (m̄ of step 2's distribution),
-       ``W_ref = W_0 = [u/2; −u/2]`` (V = 2, rows a, b); the zero head when
-       the norm is 0.
+    3. head: ``v = m̄/‖m̄‖`` (m̄ of step 2's distribution; ``v = 0`` when
+       ``m̄ = 0``), ``u = aligned_head_norm · v``, ``W_ref = [u/2; −u/2]`` (V = 2,
+       rows a, b) and ``W_0 = W_ref + init_offset · [v/2; −v/2]``, so
+       ``δ_0 = init_offset · v``; the zero head when both are 0.
     4. ``flip_labels``: swap ``mu_pos``/``mu_neg`` and ``cov_pos``/``cov_neg``
        (chosen ↔ rejected, s → −s), keeping p.
 
@@ -600,7 +773,7 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
       ``(dist, head)``: :class:`dynamics.GaussianPreference` (K, d) and
       :class:`dynamics.Head` (2, d).
     """
-    f = {k: jnp.asarray(v) for k, v in fields.items() if k in DYNAMIC_FIELDS or k == "weight"}
+    f = {k: jnp.asarray(v) for k, v in fields.items() if k in dynamic_fields()}
     if file_dist is None:
         delta = jnp.atleast_1d(f["distinguishability"]).astype(jnp.result_type(float))
         k = delta.shape[0]
@@ -613,10 +786,13 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
         b = delta[:, None] * dirs
         sigma = jnp.broadcast_to(f["sigma"].astype(delta.dtype), (k,))
         p = jnp.broadcast_to(f["p"].astype(delta.dtype), (k,))
-        weight = jnp.broadcast_to(f["weight"].astype(delta.dtype), (k,))
+        weight = jnp.broadcast_to(f["weight"].astype(delta.dtype), (k,)) if "weight" in f \
+            else jnp.full((k,), 1.0 / k, delta.dtype)
         dist = dd.GaussianPreference.create(b / 2, -b / 2, dd.isotropic_cov(sigma, d, k), p_pos=p, weight=weight)
     else:
         dist = file_dist
+        if "weight" in f:
+            dist = dist.replace(weight=jnp.broadcast_to(f["weight"].astype(dist.weight.dtype), dist.weight.shape))
     dtype = dist.mu_pos.dtype
     kappa = f.get("kappa", jnp.asarray(1.0)).astype(dtype)
     mid = (dist.mu_pos + dist.mu_neg) / 2
@@ -625,9 +801,11 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
     mbar = dist.mean
     norm = jnp.linalg.norm(mbar)
     hn = f.get("aligned_head_norm", jnp.asarray(0.0)).astype(dtype)
-    u = jnp.where(norm > 0, hn / jnp.where(norm > 0, norm, 1.0), 0.0) * mbar
+    v = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0) * mbar
+    u = hn * v
+    off = f.get("init_offset", jnp.asarray(0.0)).astype(dtype) * v
     w = jnp.stack([u / 2, -u / 2])
-    head = dd.Head.create(w, w)
+    head = dd.Head.create(w, w + jnp.stack([off / 2, -off / 2]))
     flip = f.get("flip_labels", jnp.asarray(False)).astype(bool)
     sw = lambda a, c: (jnp.where(flip, c, a), jnp.where(flip, a, c))
     mp, mn = sw(dist.mu_pos, dist.mu_neg)
@@ -646,15 +824,35 @@ def configuration_fields(cfg: SweepConfig, index) -> dict:
     """
     index = tuple(int(i) for i in np.atleast_1d(index)) if cfg.grid else ()
     out = {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.base.items()}
+    fixed = {}
     for (axis, values), i in zip(cfg.grid.items(), index):
         fname, idx = _split_axis(axis)
         v = values[i]
-        if idx is not None:
+        if fname == "weight":
+            fixed[idx] = v
+        elif idx is not None:
             out[fname][idx] = v
         elif FIELDS[fname].per_behavior and isinstance(out[fname], list):
             out[fname] = [v] * len(out[fname])
         else:
             out[fname] = v
+    if fixed:
+        out["weight"] = rescale_weights(cfg.base["weight"], fixed)
+    return out
+
+
+def rescale_weights(base: list, fixed: dict) -> list:
+    """Sampling weights with ``ω_i = fixed[i]`` and the other behaviours sharing ``1 − Σ fixed``.
+
+    The unswept weights keep their proportions in ``base`` (equal shares when those are all 0), so
+    with K = 2 an axis ``weight_0 = [0.2, 0.8]`` gives ω = (0.2, 0.8) and (0.8, 0.2).
+    """
+    rest = [i for i in range(len(base)) if i not in fixed]
+    remainder = max(0.0, 1.0 - sum(fixed.values()))
+    base_rest = sum(base[i] for i in rest)
+    out = [float(fixed.get(i, 0.0)) for i in range(len(base))]
+    for i in rest:
+        out[i] = base[i] * remainder / base_rest if base_rest > 0 else remainder / len(rest)
     return out
 
 
@@ -675,6 +873,9 @@ class GroupSpec:
     batch_size: int
     steps: int
     record_every: int
+    family: str = "gaussian"
+    label_noise: bool = False  # the sweep flips some training labels (else the core gets None)
+    loss_weight: bool = False  # the sweep re-weights some behaviour (else the core gets None)
 
     @property
     def num_records(self) -> int:
@@ -714,11 +915,22 @@ def _bytes_per_config(cfg: SweepConfig, spec: GroupSpec) -> int:
     return int(2 * item * total + 4096)
 
 
+def _sweeps_value_other_than(cfg: SweepConfig, name: str, value: float) -> bool:
+    """Whether any configuration has a per-behaviour ``name`` entry ≠ ``value``."""
+    vals = list(cfg.base[name])
+    for axis, axis_values in cfg.grid.items():
+        if _split_axis(axis)[0] == name:
+            vals += list(axis_values)
+    return any(v != value for v in vals)
+
+
 def _group_spec(cfg: SweepConfig, values: dict) -> GroupSpec:
     return GroupSpec(mode=cfg.base["mode"], kind=cfg.base["distribution"], num_behaviors=cfg.num_behaviors,
                      d=values["d"], loss=values["loss"], optimizer=values["optimizer"], method=values["method"],
                      n=values["n"], n_eval=values["n_eval"], batch_size=values["batch_size"],
-                     steps=values["steps"], record_every=values["record_every"])
+                     steps=values["steps"], record_every=values["record_every"], family=values["family"],
+                     label_noise=_sweeps_value_other_than(cfg, "label_noise", 0.0),
+                     loss_weight=_sweeps_value_other_than(cfg, "loss_weight", 1.0))
 
 
 def _static_combos(cfg: SweepConfig):
@@ -806,15 +1018,13 @@ def _chunk_inputs(cfg: SweepConfig, idx: np.ndarray, pad_to: int):
     statics = {k: rows[0][k] for k in STATIC_FIELDS}
     dtype = jnp.result_type(float)
     params = {}
-    for name in DYNAMIC_FIELDS:
-        if cfg.base["distribution"] == "file" and FIELDS[name].generated_only:
+    for name in dynamic_fields():
+        if name not in rows[0]:  # generated-only fields of a file distribution; unused families' parameters
             continue
         if name == "flip_labels":
             params[name] = np.array([r[name] for r in rows], dtype=bool)
         else:
             params[name] = np.asarray([r[name] for r in rows], dtype=dtype)
-    if cfg.base["distribution"] == "gaussian":
-        params["weight"] = np.asarray([r["weight"] for r in rows], dtype=dtype)
     return params, statics
 
 
@@ -829,22 +1039,32 @@ def _chunk_impl(params, keys, file_dist, spec: GroupSpec):
 
     def one(p):
         beta, lr, eps = p["beta"], p["lr"], p["eps"]
-        dist, head = build_distribution(p, d=spec.d, file_dist=file_dist)
+        gaussian, head = build_distribution(p, d=spec.d, file_dist=file_dist)
+        dist = build_family(spec.family, gaussian, p)
+        # Δ_k, m_kᵀm̄ and the priority gap of the law's moments (the moment-matched Gaussian)
+        moments = dist.gaussian_equivalent() if hasattr(dist, "gaussian_equivalent") else gaussian
         out = {
-            "behavior_distinguishability": dist.distinguishability,
-            "behavior_projection": dist.behavior_mean @ dist.mean,
-            "priority_gap": dist.priority_gap,
+            "behavior_distinguishability": moments.distinguishability,
+            "behavior_projection": moments.behavior_mean @ moments.mean,
+            "priority_gap": moments.priority_gap,
         }
+        noise = p["label_noise"] if spec.label_noise else None
+        lam = p["loss_weight"] if spec.loss_weight else None
         if spec.mode in ("population", "both"):
+            if not (hasattr(dist, "components") or hasattr(dist, "gaussian_equivalent")):
+                raise ValueError(f"family {spec.family!r} gives a distribution without components() or "
+                                 "gaussian_equivalent(), so the analytic layer cannot run; set mode = \"empirical\" "
+                                 "or add gaussian_equivalent() (docs/custom-distributions.md)")
             pop = dd.population_trajectory(dist, beta=beta, lr=lr, eps=eps, steps=spec.steps, loss=spec.loss,
                                            optimizer=opt, record_every=spec.record_every, head=head,
-                                           method=spec.method)
+                                           method=spec.method, label_noise=noise, loss_weight=lam)
             out["population"] = pop.metrics
             out["population_diverged"] = pop.diverged
         if spec.mode in ("empirical", "both"):
             emp = jax.vmap(lambda key: dd.empirical_trajectory(
                 dist, key, n=spec.n, n_eval=spec.n_eval, beta=beta, lr=lr, eps=eps, steps=spec.steps,
-                loss=spec.loss, batch_size=batch, optimizer=opt, record_every=spec.record_every, head=head))(keys)
+                loss=spec.loss, batch_size=batch, optimizer=opt, record_every=spec.record_every, head=head,
+                label_noise=noise, loss_weight=lam))(keys)
             out["train"], out["eval"] = emp.train, emp.eval
             out["diverged"] = emp.diverged
             out["cum_batch_mean_norm"] = emp.cum_batch_mean_norm
@@ -1072,7 +1292,16 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     first_idx, _, _ = _chunk_configs(cfg, plan, plan.chunks[0])
     params0, statics0 = _chunk_inputs(cfg, first_idx, pad_to)
     spec0 = _group_spec(cfg, statics0)
-    layout = _layout(cfg, spec0, params0, keys)
+    try:  # traces one chunk: a family or custom distribution that cannot run fails here, before any write
+        layout = _layout(cfg, spec0, params0, keys)
+        other = {}
+        for spec in _static_combos(cfg):  # one trace per other family of the grid
+            if spec.family != spec0.family:
+                other.setdefault(spec.family, spec)
+        for spec in other.values():
+            _layout(cfg, spec, params0, keys)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{cfg.source}: cannot build the sweep's program: {e}") from None
 
     def prepare(ow):
         return ResultsStore.prepare(out, resolved=cfg.resolved(),
@@ -1155,6 +1384,8 @@ def _fields_help() -> str:
     for name, f in FIELDS.items():
         default = "uniform" if f.default is None else json.dumps(f.default)
         role = {"static": "static, sweepable", "dynamic": "sweepable", "base": "base only"}[f.role]
+        if f.family:
+            role += f", family {f.family} only"
         extra = " (or a list of K)" if f.per_behavior else ""
         choices = f" {{{', '.join(f.choices)}}}" if f.choices else ""
         lines.append(f"  {name:<19} {f.kind}{extra}{choices} = {default}; {role}. {f.help}")
@@ -1202,14 +1433,49 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
                    help="XLA compile: fast (quick compile, slower run), optimized, or auto (fast for small sweeps)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a Python module (dotted name) or file (path.py) before reading the config, e.g. "
+                   "one that calls sims.sweep.register_family for a custom family; repeatable")
     distributed.add_distributed_arguments(p)
     p.set_defaults(func=run)
+
+
+def import_plugins(specs) -> None:
+    """Import each ``MODULE`` (dotted name) or ``FILE.py`` (``--import``), e.g. to register custom families.
+
+    Raises:
+      UsageError: a file that does not exist, a module that cannot be found, or an error while
+        importing it (its message included).
+    """
+    import importlib
+    import importlib.util
+
+    for spec in specs:
+        path = Path(spec)
+        try:
+            if spec.endswith(".py") or path.is_file():
+                if not path.is_file():
+                    raise UsageError(f"--import {spec}: no such file; pass an existing .py file or a module name")
+                mod_name = f"dpo_sims_plugin_{path.stem}"
+                module_spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[mod_name] = module
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except UsageError:
+            raise
+        except ModuleNotFoundError as e:
+            raise UsageError(f"--import {spec}: {e}; pass an importable module name or a .py file path") from None
+        except Exception as e:  # the plugin's own error, named
+            raise UsageError(f"--import {spec}: importing it failed: {type(e).__name__}: {e}") from None
 
 
 def run(args) -> int:
     # first, before any JAX computation: join a multi-process run (--coordinator, --num-processes,
     # --process-id or $DPO_COORDINATOR, $DPO_NUM_PROCESSES, $DPO_PROCESS_ID) and pick --devices
     pid, nproc, executor = distributed.distributed_from_args(args)
+    import_plugins(args.imports)
     cfg = load_config(args.config)
     out = Path(args.out)
     if args.dry_run:

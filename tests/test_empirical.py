@@ -114,6 +114,27 @@ def test_minibatch_epochs_visit_every_pair(x64, rng):
     np.testing.assert_allclose(np.asarray(traj.delta[-1]), 2 * 1e-9 * z_sum / b, rtol=1e-6)
 
 
+def test_minibatch_order_table_equals_per_step_permutation(monkeypatch):
+    """The per-epoch order table gives epoch e's permutation(fold_in(key, e)) sliced per step, as the
+    table-free path (used past PERM_TABLE_MAX) does; every epoch visits distinct pairs."""
+    from dynamics import _train
+
+    key, n, b, steps = jax.random.key(3), 10, 3, 7  # 3 steps per epoch (one pair dropped), 3 epochs
+    table = _train.epoch_orders(key, n, b, steps)
+    assert table.shape == (3, n)
+    for t in range(steps):
+        idx = np.asarray(_train.minibatch_index(t, key, table, n, b))
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, t // 3), n))
+        np.testing.assert_array_equal(idx, perm[(t % 3) * b:(t % 3 + 1) * b])
+        np.testing.assert_array_equal(idx, _train.minibatch_index(t, key, None, n, b))
+    for e in range(3):
+        assert len(set(np.asarray(table[e][:9]).tolist())) == 9
+    assert _train.epoch_orders_fit(n, b, steps, copies=_train.PERM_TABLE_MAX // 30)
+    assert not _train.epoch_orders_fit(n, b, steps, copies=_train.PERM_TABLE_MAX // 30 + 1)
+    monkeypatch.setattr(_train, "PERM_TABLE_MAX", 29)
+    assert _train.epoch_orders(key, n, b, steps) is None
+
+
 def test_custom_optax_and_vmap_over_keys(rng):
     dist = random_dist(rng, k=2, d=3)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))

@@ -159,3 +159,33 @@ def test_bad_family_inputs():
 
     with pytest.raises(ValueError, match=r"returned x of shape \(8,\); expected \(n, d\)"):
         dd.empirical_trajectory(Broken(), jax.random.key(0), n=8, beta=1.0, lr=0.1, steps=1)
+
+
+def test_mixture_from_gaussian_keeps_moments_and_is_bimodal(x64, rng):
+    """from_gaussian: the moment-matched Gaussian is the base (closed form), sub-covariances PSD,
+    spread 0 is the base itself, and samples have the base's moments with two modes along v_k."""
+    base = random_dist(rng, k=2, d=3)
+    mix = dd.GaussianMixturePreference.from_gaussian(base, 0.8)
+    eq = mix.gaussian_equivalent()
+    for name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight"):
+        np.testing.assert_allclose(getattr(eq, name), getattr(base, name), rtol=1e-10, atol=1e-12, err_msg=name)
+    assert np.linalg.eigvalsh(np.asarray(mix.cov_pos)).min() > -1e-10
+    # the split direction carries spread² of the variance along it: a² vᵀΣ⁻¹v = spread²
+    v = np.array(base.mu_pos - base.mu_neg)
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    for k in range(2):
+        a = np.asarray(mix.mu_pos[k, 0] - base.mu_pos[k]) @ v[k]
+        np.testing.assert_allclose(a**2 * v[k] @ np.linalg.solve(np.asarray(base.cov_pos[k]), v[k]), 0.64, rtol=1e-10)
+    delta = jnp.asarray(rng.normal(size=3))
+    zero = dd.GaussianMixturePreference.from_gaussian(base, 0.0)
+    np.testing.assert_allclose(dd.population_loss(zero, delta, beta=1.0), dd.population_loss(base, delta, beta=1.0),
+                               rtol=1e-12)
+    assert abs(float(dd.population_loss(mix, delta, beta=3.0)) - float(dd.population_loss(base, delta, beta=3.0))) > 1e-4
+    x, s, beh = (np.asarray(t) for t in mix.sample(jax.random.key(5), 300_000))
+    sel = (beh == 0) & (s > 0)
+    np.testing.assert_allclose(x[sel].mean(0), base.mu_pos[0], atol=0.03)
+    np.testing.assert_allclose(np.cov(x[sel].T), base.cov_pos[0], atol=0.06)
+    with pytest.raises(ValueError, match="spread must be < 1"):
+        dd.GaussianMixturePreference.from_gaussian(base, 1.0)
+    with pytest.raises(ValueError, match="spread"):
+        dd.GaussianMixturePreference.from_gaussian(base, -0.1)

@@ -121,3 +121,34 @@ def test_diverged_summary_names_the_configs():
     assert "diverged: 3 of 6 runs" in s and "lr=10.0" in s and "lr=1.0" in s
     assert "population_diverged: 1 of 3 runs (lr=10.0)" in s
     assert diverged_summary(ds.map(lambda v: v & False)) == ""
+
+
+def test_unreadable_store_hint_fits_the_command(tmp_path, capsys):
+    """The sweep (which has --overwrite) is told to pass it; read-only callers (dpo-sims plot) are told which
+    command rebuilds the store, not an option they do not have."""
+    from sims.cli import main
+
+    broken = tmp_path / "broken.zarr"
+    broken.mkdir()
+    (broken / ".zgroup").write_text("{not json")
+    with pytest.raises(UsageError, match=r"not a readable results store.*; pass --overwrite to replace it"):
+        ResultsStore.read_attrs(broken)
+    with pytest.raises(UsageError, match=r"not a readable results store.*; look elsewhere$"):
+        ResultsStore.read_attrs(broken, fix="look elsewhere")
+    with pytest.raises(UsageError) as e:
+        open_results(broken)
+    msg = str(e.value)
+    assert f"rebuild the store with `dpo-sims sweep CONFIG.toml --out {broken} --overwrite`" in msg
+    assert "; pass --overwrite" not in msg
+
+    code = main(["plot", str(broken), "--y", "loss"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("dpo-sims plot: error:") and "`dpo-sims sweep CONFIG.toml" in err
+    assert "; pass --overwrite" not in err
+
+    plain = tmp_path / "plain.zarr"  # a zarr store that is not a dpo-sims store
+    xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(plain, zarr_format=2)
+    code = main(["plot", str(plain), "--y", "a"])
+    err = capsys.readouterr().err
+    assert code == 2 and "`dpo-sims sweep CONFIG.toml" in err and "; pass --overwrite" not in err

@@ -166,7 +166,7 @@ def test_study_bad_name_exits_2(capsys):
 def test_tutorial_code_runs_and_is_right(capsys):
     text = (DOCS / "custom-distributions.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     assert len(blocks[0].strip().splitlines()) < 30  # "a new family in under 30 lines"
     ns: dict = {}
     exec(compile("\n".join(blocks), "custom-distributions.md", "exec"), ns)
@@ -187,6 +187,17 @@ def test_tutorial_code_runs_and_is_right(capsys):
         g = dd.population_gradient(make(jnp.asarray(sg)).gaussian_equivalent(), jnp.zeros(4), beta=1.0)
         np.testing.assert_allclose(-2 * 0.1 * np.asarray(g), [0.075, 0, 0, 0], atol=1e-7)
     assert float(pop.metrics["weight_change"][0, 0]) == 0.0
+    # block 3: the family's parameter swept by the sweep engine; each stored run = a direct call
+    from sims.sweep import seed_key
+
+    ds, common = ns["ds"].load(), ns["common"]
+    np.testing.assert_allclose(ds["noise_scale"].values, [0.5, 1.0, 2.0])
+    for i, sg in enumerate([0.5, 1.0, 2.0]):
+        np.testing.assert_allclose(ds["population_loss"].values[i], pop.metrics["loss"][i], rtol=2e-5)
+        for s in (0, 3):
+            run = dd.empirical_trajectory(make(jnp.asarray(sg)), seed_key(0, s), n=512, **common)
+            np.testing.assert_allclose(ds["loss"].sel(split="eval").values[i, s], run.eval["loss"], rtol=2e-5,
+                                       atol=2e-6)
     # light-tailed noise: the moment-matched population loss predicts the held-out loss closely
     np.testing.assert_allclose(np.asarray(emp.eval["loss"][:, :, -1]).mean(1), np.asarray(pop.metrics["loss"][:, -1]),
                                atol=0.02)
