@@ -110,8 +110,9 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     k = dist.num_behaviors
     check_interventions(k, label_noise, loss_weight)
     key_train, key_eval, key_batch = jax.random.split(key, 3)
-    train = check_sample(dist.sample(key_train, n), n, "sample(key, n)")
-    held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)")
+    shape = dict(dim=getattr(dist, "dim", None), num_behaviors=k, values=True)
+    train = check_sample(dist.sample(key_train, n), n, "sample(key, n)", **shape)
+    held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)", **shape)
     noisy_s = None
     if label_noise is not None:
         noisy_s = flip_labels(jax.random.fold_in(key, 1), train[1], train[2], label_noise)
@@ -127,19 +128,44 @@ def flip_labels(key, s, behavior, rate):
     return jnp.where(flip, -s, s)
 
 
-def check_sample(out, n: int, what: str):
-    """Check a distribution's ``sample`` output: ``x (n, d)`` float, ``s (n,)``, ``behavior (n,)`` int."""
+def check_sample(out, n: int, what: str, *, dim: int | None = None, num_behaviors: int | None = None,
+                 values: bool = False):
+    """Check a distribution's ``sample`` output: ``x (n, d)`` float, ``s (n,)``, ``behavior (n,)`` int.
+
+    Args:
+      out: what ``sample(key, n)`` returned. n: the number of pairs asked for.
+      what: how to name the call in messages.
+      dim: the distribution's ``d`` (checks ``x.shape[1]``). num_behaviors: K.
+      values: also check the values (concrete arrays only): ``x`` finite, ``s ∈ {+1, −1}``,
+        ``behavior ∈ [0, K)``.
+
+    Returns:
+      ``(x, s, behavior)``.
+
+    Raises:
+      ValueError: naming the returned shape, dtype or value and the one expected.
+    """
     if not (isinstance(out, tuple) and len(out) == 3):
         raise ValueError(f"{what} must return a tuple (x, s, behavior); got {type(out).__name__}")
     x, s, beh = out
-    if jnp.ndim(x) != 2 or x.shape[0] != n:
-        raise ValueError(f"{what} returned x of shape {jnp.shape(x)}; expected (n, d) with n = {n}")
+    want_d = "d" if dim is None else dim
+    if jnp.ndim(x) != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"{what} returned x of shape {jnp.shape(x)}; expected (n, d) = ({n}, {want_d})")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{what} returned x of dtype {x.dtype}; expected a float dtype")
     if jnp.shape(s) != (n,) or jnp.shape(beh) != (n,):
         raise ValueError(f"{what} returned s {jnp.shape(s)} and behavior {jnp.shape(beh)}; expected ({n},) each")
     if not jnp.issubdtype(beh.dtype, jnp.integer):
         raise ValueError(f"{what} returned behavior of dtype {beh.dtype}; expected an integer dtype")
+    if values and is_concrete((x, s, beh)):
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{what} returned non-finite embeddings x (NaN or inf); return finite values")
+        if not bool(jnp.all(jnp.abs(s) == 1)):
+            bad = sorted({float(v) for v in jnp.unique(s)} - {1.0, -1.0})[:4]
+            raise ValueError(f"{what} returned labels s with values {bad}; expected +1 (chosen = a) or -1 (chosen = b)")
+        if num_behaviors is not None and not bool(jnp.all((beh >= 0) & (beh < num_behaviors))):
+            raise ValueError(f"{what} returned behavior indices in [{int(beh.min())}, {int(beh.max())}]; expected "
+                             f"integers in [0, K) = [0, {num_behaviors})")
     return x, s, beh
 
 

@@ -55,9 +55,9 @@ def mean_interval(values, axis: int = 0, level: float = 0.95):
     return mean, mean - half, mean + half
 
 
-def _fmt(v) -> str:
+def _fmt(v, digits: int = 3) -> str:
     if isinstance(v, (float, np.floating)):
-        return f"{float(v):.3g}"
+        return f"{float(v):.{digits}g}"
     return str(v.item() if hasattr(v, "item") else v)
 
 
@@ -67,17 +67,17 @@ def _coord_index(ds, dim: str, value: str):
         try:
             x = float(value)
         except ValueError:
-            raise UsageError(f"--sel {dim}={value}: {dim} is numeric; pass one of {[_fmt(c) for c in coord]}") from None
+            raise UsageError(f"--sel {dim}={value}: {dim} is numeric; pass one of {[_fmt(c, 10) for c in coord]}") from None
         hits = np.flatnonzero(np.isclose(coord.astype(float), x, rtol=1e-6, atol=1e-12))
     elif coord.dtype.kind == "b":
         words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
         if value.lower() not in words:
-            raise UsageError(f"--sel {dim}={value}: {dim} is true/false; pass one of {[_fmt(c) for c in coord]}")
+            raise UsageError(f"--sel {dim}={value}: {dim} is true/false; pass one of {[_fmt(c, 10) for c in coord]}")
         hits = np.flatnonzero(coord == words[value.lower()])
     else:
         hits = np.flatnonzero(coord.astype(str) == value)
     if not len(hits):
-        raise UsageError(f"--sel {dim}={value}: no such value; {dim} takes {[_fmt(c) for c in coord]}")
+        raise UsageError(f"--sel {dim}={value}: no such value; {dim} takes {[_fmt(c, 10) for c in coord]}")
     return int(hits[0])
 
 

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dynamics as dd
+from dynamics.empirical import check_sample
 
 from . import distributed
 from .cli import UsageError
@@ -72,6 +73,7 @@ __all__ = [
     "dim_name",
     "FAMILIES",
     "register_family",
+    "unregister_family",
     "build_family",
     "rescale_weights",
     "run_sweep",
@@ -254,6 +256,21 @@ def register_family(name: str, build, *, params: dict | None = None, help: str =
     return fam
 
 
+def unregister_family(name: str) -> None:
+    """Remove a registered family and its parameter fields (e.g. to re-register an edited one).
+
+    Raises:
+      ValueError: an unknown name, or a shipped family (gaussian, laplace, student_t, mixture).
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"no family {name!r} is registered; registered: {sorted(FAMILIES)}")
+    if getattr(FAMILIES[name].build, "__module__", None) == __name__:
+        raise ValueError(f"{name!r} is a shipped family and cannot be removed")
+    for param in FAMILIES.pop(name).params:
+        FIELDS.pop(param, None)
+    FIELDS["family"] = dataclasses.replace(FIELDS["family"], choices=tuple(FAMILIES))
+
+
 def build_family(family: str, gaussian: dd.GaussianPreference, fields: dict):
     """The distribution of family ``family`` with the moments of ``gaussian`` (traceable).
 
@@ -269,7 +286,17 @@ def build_family(family: str, gaussian: dd.GaussianPreference, fields: dict):
         raise ValueError(f"unknown family {family!r}; registered: {sorted(FAMILIES)} (register_family)")
     fam = FAMILIES[family]
     dtype = gaussian.mu_pos.dtype
-    return fam.build(gaussian, {k: jnp.asarray(fields[k]).astype(dtype) for k in fam.params})
+    dist = fam.build(gaussian, {k: jnp.asarray(fields[k]).astype(dtype) for k in fam.params})
+    missing = [m for m in ("sample", "num_behaviors", "dim") if not hasattr(dist, m)]
+    if missing:
+        raise ValueError(f"family {family!r}: its builder returned {type(dist).__name__}, not a distribution "
+                         f"(missing {missing}); return a pytree with sample(key, n), num_behaviors and dim "
+                         "(docs/custom-distributions.md)")
+    if (dist.num_behaviors, dist.dim) != (gaussian.num_behaviors, gaussian.dim):
+        raise ValueError(f"family {family!r}: its distribution has (K, d) = ({dist.num_behaviors}, {dist.dim}) but "
+                         f"the config describes ({gaussian.num_behaviors}, {gaussian.dim}); build it from the "
+                         "Gaussian it is given")
+    return dist
 
 
 def _elliptical(kind):
@@ -313,15 +340,19 @@ def _check_scalar(source, where, field: Field, value):
         if not isinstance(value, str):
             _fail(source, where, f"expected a string, got {_type_name(value)} {value!r}")
         if field.choices and value not in field.choices:
-            _fail(source, where, f"unknown value {value!r}{_suggest(value, field.choices)}; choose one of {list(field.choices)}")
+            extra = ("; a custom family must be registered first: sims.sweep.register_family in Python, "
+                     "--import MODULE_OR_FILE.py on the command line") if field.name == "family" else ""
+            _fail(source, where, f"unknown value {value!r}{_suggest(value, field.choices)}; choose one of "
+                  f"{list(field.choices)}{extra}")
     if kind in ("float", "int"):
         lo_ok = field.low is None or (value > field.low if field.low_open else value >= field.low)
         hi_ok = field.high is None or (value < field.high if field.high_open else value <= field.high)
         if not (lo_ok and hi_ok):
             lo = "" if field.low is None else ("(" if field.low_open else "[") + f"{field.low:g}"
             hi = "" if field.high is None else f"{field.high:g}" + (")" if field.high_open else "]")
-            rng = f"{lo}, {hi}" if lo and hi else (f"> {field.low:g}" if field.low_open else f">= {field.low:g}") if lo else f"<= {field.high:g}"
-            _fail(source, where, f"{field.name} = {value!r} is out of range; pass a value in {rng}")
+            rng = f"in {lo}, {hi}" if lo and hi else (f"> {field.low:g}" if field.low_open else f">= {field.low:g}") \
+                if lo else f"<= {field.high:g}"
+            _fail(source, where, f"{field.name} = {value!r} is out of range; pass a value {rng}")
     return value
 
 
@@ -412,10 +443,32 @@ class SweepConfig:
                "key_derivation": "seed s: jax.random.fold_in(jax.random.key(seed), s)"}
         if self.file_sha256:
             out["distribution_sha256"] = self.file_sha256
+        code = {name: _code_digest(FAMILIES[name].build) for name in sorted(self.families)
+                if name in FAMILIES and getattr(FAMILIES[name].build, "__module__", None) != __name__}
+        if code:  # a custom family: editing its file changes the fingerprint (no silent resume)
+            out["family_code"] = code
         return out
+
+    @property
+    def families(self) -> set[str]:
+        """The families the sweep uses (the ``family`` axis, or the base value)."""
+        return set(self.grid.get("family", [self.base.get("family", "gaussian")]))
 
     def fingerprint(self) -> str:
         return config_fingerprint(self.resolved())
+
+
+def _code_digest(fn) -> dict:
+    """Where a custom family's builder lives and the SHA-256 of its source file (``None`` if unknown)."""
+    import hashlib
+    import inspect
+
+    where = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    try:
+        digest = hashlib.sha256(Path(inspect.getsourcefile(fn)).read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        digest = None
+    return {"builder": where, "source_sha256": digest}
 
 
 #: dataset dimension names that differ from the field name (the metric `loss` keeps its name)
@@ -518,7 +571,8 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
                 hint = f" — put it under [base] (or [grid] to sweep it)"
             _fail(source, key, f"unknown top-level key{hint}; top-level keys are {list(TOP_KEYS)}")
     # [reproduce]: analysis settings read by `dpo-sims reproduce`; not part of the sweep
-    name = data.get("name", "sweep")
+    default_name = source[len("builtin:"):] if source.startswith("builtin:") else Path(source).stem
+    name = data.get("name", default_name if default_name and not default_name.startswith("<") else "sweep")
     description = data.get("description", "")
     for key, val in (("name", name), ("description", description)):
         if not isinstance(val, str):
@@ -582,8 +636,9 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
     origin = "the distribution file has" if kind == "file" else "distinguishability gives"
     for key, val in base.items():
         if FIELDS[key].per_behavior and isinstance(val, list) and len(val) != k:
-            _fail(source, f"base.{key}", f"has {len(val)} values but {origin} K = {k} behaviours; give one "
-                  "value per behaviour or a single number")
+            fix = "give K weights summing to 1" if key == "weight" else \
+                "give one value per behaviour or a single number"
+            _fail(source, f"base.{key}", f"has {len(val)} values but {origin} K = {k} behaviours; {fix}")
     # resolve defaults
     for key, field in FIELDS.items():
         if key in base:
@@ -596,7 +651,8 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
         if field.per_behavior and key != "weight" and key in base and not isinstance(base[key], list):
             base[key] = [base[key]] * k
     if base["weight"] is None:
-        base["weight"] = ([float(w) for w in np.asarray(file_dist.weight)] if kind == "file" else [1.0 / k] * k)
+        base["weight"] = ([float(f"{w:.7g}") for w in np.asarray(file_dist.weight, np.float64)] if kind == "file"
+                          else [1.0 / k] * k)
     elif not isinstance(base["weight"], list):
         _fail(source, "base.weight", f"expected a list of K = {k} weights summing to 1")
     if abs(sum(base["weight"]) - 1.0) > 1e-6:
@@ -625,7 +681,8 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
                 _fail(source, where, f"there are K = {k} behaviours; sweep one of them with "
                       f"{', '.join(f'{fname}_{i}' for i in range(k))}")
             if idx is not None and fname in FIELDS:
-                _fail(source, where, f"behaviour index {idx} is out of range for K = {k}; use {fname}_0 … {fname}_{k - 1}")
+                use = f"{fname} (or {fname}_0)" if k == 1 else f"{fname}_0 … {fname}_{k - 1}"
+                _fail(source, where, f"behaviour index {idx} is out of range for K = {k}; use {use}")
             if key == "seed" or key == "seeds":
                 _fail(source, where, "seeds are not a grid axis; set seeds = S at the top level")
             _fail(source, where, f"unknown axis{_suggest(key, valid_axes)}; sweepable fields are {sorted(valid_axes)}")
@@ -651,6 +708,7 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
     cfg = SweepConfig(name=name, description=description, seeds=seeds, seed=seed, base=base, grid=grid,
                       num_behaviors=k, source=source, file_dist=file_dist, file_sha256=file_sha)
     _cross_checks(cfg)
+    _check_head_direction(cfg)
     return cfg
 
 
@@ -717,6 +775,50 @@ def _cross_checks(cfg: SweepConfig) -> None:
         _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds is too many; shrink the grid")
 
 
+_HEAD_FIELDS = ("distinguishability", "weight", "angle", "kappa", "p", "init_offset", "aligned_head_norm")
+_HEAD_CHECK_MAX = 50_000  # configurations of the relevant axes checked at parse time
+
+
+def _preference_mean_norm(cfg: SweepConfig, f: dict) -> tuple[float, float]:
+    """``(‖m̄‖, scale)`` of a configuration in float64, before flipping (m̄ = Σ_k ω_k E[z | k])."""
+    w = np.asarray(f["weight"], np.float64)
+    kappa = float(f["kappa"])
+    if cfg.file_dist is None:  # b_k = Δ_k L_k with L Lᵀ = G, m̄ = κ Σ ω_k b_k / 2: ‖m̄‖² = κ²/4 aᵀGa, a = ω Δ
+        a = w * np.asarray(f["distinguishability"], np.float64)
+        c = math.sin(math.radians(90.0 - f["angle"]))
+        gram = (1.0 - c) * np.eye(len(a)) + c
+        return 0.5 * kappa * math.sqrt(max(float(a @ gram @ a), 0.0)), 0.5 * kappa * float(np.abs(a).sum())
+    fd = cfg.file_dist
+    mp, mn = np.asarray(fd.mu_pos, np.float64), np.asarray(fd.mu_neg, np.float64)
+    p = np.asarray(fd.p_pos, np.float64)[:, None]
+    m = (2 * p - 1) * (mp + mn) / 2 + kappa * (mp - mn) / 2  # E[z | k] after κ
+    return float(np.linalg.norm(w @ m)), float(np.abs(w @ np.abs(m)).sum())
+
+
+def _check_head_direction(cfg: SweepConfig) -> None:
+    """``init_offset`` / ``aligned_head_norm`` ≠ 0 point the head along m̄/‖m̄‖: refuse m̄ = 0."""
+    if all(v == 0 for v in _axis_or_base(cfg, "init_offset") + _axis_or_base(cfg, "aligned_head_norm")):
+        return
+    axes = [i for i, a in enumerate(cfg.grid) if _split_axis(a)[0] in _HEAD_FIELDS]
+    sizes = [cfg.shape[i] for i in axes]
+    if int(np.prod(sizes, dtype=np.int64)) > _HEAD_CHECK_MAX:
+        return  # too many to check here; such configurations run with the zero direction
+    for combo in itertools.product(*(range(n) for n in sizes)):
+        index = [0] * len(cfg.grid)
+        for i, j in zip(axes, combo):
+            index[i] = j
+        f = configuration_fields(cfg, tuple(index))
+        if f["init_offset"] == 0 and f["aligned_head_norm"] == 0:
+            continue
+        norm, scale = _preference_mean_norm(cfg, f)
+        if norm <= 1e-9 * max(scale, 1e-30) or norm == 0:
+            at = ", ".join(f"{cfg.axes[i]} = {cfg.grid[cfg.axes[i]][j]}" for i, j in zip(axes, combo)) or "[base]"
+            name = "init_offset" if f["init_offset"] != 0 else "aligned_head_norm"
+            _fail(cfg.source, f"grid.{name}" if name in cfg.grid else f"base.{name}",
+                  f"{name} = {f[name]} points the head along m̄/‖m̄‖, but the preference mean m̄ is 0 at {at} "
+                  f"(no direction); use {name} = 0 there, or a distribution with m̄ ≠ 0")
+
+
 # --------------------------------------------------------------------------- model build
 def seed_key(seed: int, s):
     """PRNG key of seed index ``s`` (int or array): ``fold_in(key(seed), s)``, the same for every configuration."""
@@ -779,7 +881,9 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
         k = delta.shape[0]
         if d is None:
             raise ValueError("d is required for a generated distribution")
-        cosang = jnp.cos(jnp.deg2rad(f["angle"].astype(delta.dtype)))
+        # cos via sin(90° − angle): exactly 0 at 90° (and ±1 at 0°/180°) in float32, so "orthogonal"
+        # behaviours are exactly orthogonal (a 1e-8 leak is amplified by Adam's per-coordinate scaling)
+        cosang = jnp.sin(jnp.deg2rad(90.0 - f["angle"].astype(delta.dtype)))
         gram = (1.0 - cosang) * jnp.eye(k, dtype=delta.dtype) + cosang
         rows = _cholesky_psd(gram) if k > 1 else jnp.ones((1, 1), delta.dtype)
         dirs = jnp.zeros((k, d), delta.dtype).at[:, :k].set(rows)
@@ -998,6 +1102,49 @@ def plan_sweep(cfg: SweepConfig, chunk_size: int | None = None, *, block: tuple 
 
 
 # --------------------------------------------------------------------------- execution
+def _check_program(cfg: SweepConfig, spec0: GroupSpec, params0, keys) -> dict:
+    """Trace the first chunk (and one of every other family) and draw one concrete sample per family.
+
+    A family whose builder fails, returns something else than a distribution, or whose
+    ``sample`` gives wrong shapes, dtypes or values is refused here, before anything is written.
+    Returns the store layout (:func:`_layout`).
+
+    Raises:
+      UsageError: one line naming the family, what it returned and what was expected.
+    """
+    specs = {spec0.family: spec0}
+    for spec in _static_combos(cfg):
+        specs.setdefault(spec.family, spec)
+    try:
+        layout = _layout(cfg, spec0, params0, keys)
+        for spec in specs.values():
+            if spec is not spec0:
+                _layout(cfg, spec, params0, keys)
+            if spec.family != "gaussian":
+                _check_concrete_sample(cfg, spec, params0)
+    except UsageError:
+        raise
+    except jax.errors.JAXTypeError as e:  # float()/bool()/if on a traced parameter, …
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"{cfg.source}: family {spec.family!r}: {type(e).__name__}: {first} — the family's builder "
+                         "and its sample() run under jax.vmap/jit: keep them traceable (jnp operations, no "
+                         "float()/int()/if on parameters)") from None
+    except Exception as e:  # a user family's own error: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{cfg.source}: cannot build the sweep's program: {type(e).__name__}: {first}") from None
+    return layout
+
+
+def _check_concrete_sample(cfg: SweepConfig, spec: GroupSpec, params0) -> None:
+    """Draw 64 pairs of the first configuration's ``spec.family`` law eagerly and check the values."""
+    p = jax.tree.map(lambda a: jnp.asarray(a)[0], params0)
+    gaussian, _ = build_distribution(p, d=spec.d, file_dist=cfg.file_dist)
+    dist = build_family(spec.family, gaussian, p)
+    check_sample(dist.sample(jax.random.key(0), 64), 64, f"family {spec.family!r}: sample(key, n)",
+                    dim=gaussian.dim, num_behaviors=gaussian.num_behaviors, values=True)
+
+
+# --------------------------------------------------------------------------- chunks
 def _chunk_configs(cfg: SweepConfig, plan: Plan, chunk):
     """Grid indices of a chunk's configurations (C order) and the block region."""
     region, extents, ranges = [], [], []
@@ -1037,8 +1184,11 @@ def _chunk_impl(params, keys, file_dist, spec: GroupSpec):
     opt = None if spec.optimizer == "sgd" else spec.optimizer
     batch = spec.batch_size or None
 
+    smoothed = spec.loss in ("cdpo", "robust")
+
     def one(p):
-        beta, lr, eps = p["beta"], p["lr"], p["eps"]
+        # ε only means something for cdpo / robust; with a loss axis the other groups get 0
+        beta, lr, eps = p["beta"], p["lr"], (p["eps"] if smoothed else jnp.zeros_like(p["eps"]))
         gaussian, head = build_distribution(p, d=spec.d, file_dist=file_dist)
         dist = build_family(spec.family, gaussian, p)
         # Δ_k, m_kᵀm̄ and the priority gap of the law's moments (the moment-matched Gaussian)
@@ -1292,16 +1442,7 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     first_idx, _, _ = _chunk_configs(cfg, plan, plan.chunks[0])
     params0, statics0 = _chunk_inputs(cfg, first_idx, pad_to)
     spec0 = _group_spec(cfg, statics0)
-    try:  # traces one chunk: a family or custom distribution that cannot run fails here, before any write
-        layout = _layout(cfg, spec0, params0, keys)
-        other = {}
-        for spec in _static_combos(cfg):  # one trace per other family of the grid
-            if spec.family != spec0.family:
-                other.setdefault(spec.family, spec)
-        for spec in other.values():
-            _layout(cfg, spec, params0, keys)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise UsageError(f"{cfg.source}: cannot build the sweep's program: {e}") from None
+    layout = _check_program(cfg, spec0, params0, keys)
 
     def prepare(ow):
         return ResultsStore.prepare(out, resolved=cfg.resolved(),
@@ -1440,6 +1581,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+_IMPORTED: set[str] = set()
+
+
 def import_plugins(specs) -> None:
     """Import each ``MODULE`` (dotted name) or ``FILE.py`` (``--import``), e.g. to register custom families.
 
@@ -1452,6 +1596,9 @@ def import_plugins(specs) -> None:
 
     for spec in specs:
         path = Path(spec)
+        ident = str(path.resolve()) if (spec.endswith(".py") or path.is_file()) else spec
+        if ident in _IMPORTED:  # the same plugin twice: once is enough
+            continue
         try:
             if spec.endswith(".py") or path.is_file():
                 if not path.is_file():
@@ -1463,6 +1610,7 @@ def import_plugins(specs) -> None:
                 module_spec.loader.exec_module(module)
             else:
                 importlib.import_module(spec)
+            _IMPORTED.add(ident)
         except UsageError:
             raise
         except ModuleNotFoundError as e:

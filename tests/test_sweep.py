@@ -108,7 +108,7 @@ BAD = [
     ("[grid]\nflip_labels = [1, 0]\n", "grid.flip_labels[0]: expected true or false"),
     ("[grid]\nlr = {linspace = [0, 1]}\n", "grid.lr: linspace = [0, 1]: expected [start, stop, count]"),
     ("[grid]\nlr = {range = [0, 1, 2]}\n", "grid.lr: a table axis needs exactly one key"),
-    ("[grid]\nlr = [0.1, -0.1]\n", "grid.lr[1]: lr = -0.1 is out of range; pass a value in > 0"),
+    ("[grid]\nlr = [0.1, -0.1]\n", "grid.lr[1]: lr = -0.1 is out of range; pass a value > 0"),
     ("[base]\nloss = \"sigmod\"\n", "base.loss: unknown value 'sigmod' — did you mean 'sigmoid'?"),
     ("[base]\nsteps = 10\nrecord_every = 3\n", "base.record_every: record_every = 3 does not divide steps = 10"),
     ("[base]\nn = 8\nbatch_size = 16\n", "base.batch_size: batch_size = 16 exceeds n = 8"),

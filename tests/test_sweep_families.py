@@ -9,6 +9,7 @@ Budget (2 shared cores): about a minute.
 """
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 
@@ -115,20 +116,6 @@ def test_custom_family_is_vmapped_through_a_sweep(tmp_path):
 
 
 @struct.dataclass
-class _BadShapes:
-    base: dd.GaussianPreference
-    num_behaviors = property(lambda self: self.base.num_behaviors)
-    dim = property(lambda self: self.base.dim)
-
-    def sample(self, key, n):
-        x, s, beh = self.base.sample(key, n)
-        return x, s[:, None], beh  # labels of the wrong shape
-
-    def gaussian_equivalent(self):
-        return self.base
-
-
-@struct.dataclass
 class _SampleOnly:
     base: dd.GaussianPreference
     num_behaviors = property(lambda self: self.base.num_behaviors)
@@ -138,23 +125,59 @@ class _SampleOnly:
         return self.base.sample(key, n)
 
 
-def test_custom_family_errors_before_anything_is_written(tmp_path, capsys):
-    sw.register_family("bad_shapes", lambda g, p: _BadShapes(g), replace=True)
+@struct.dataclass
+class _Broken:
+    """A family with one deliberate defect (``kind``), for the error tests."""
+
+    base: dd.GaussianPreference
+    kind: str = struct.field(pytree_node=False)
+    num_behaviors = property(lambda self: self.base.num_behaviors)
+    dim = property(lambda self: self.base.dim)
+
+    def sample(self, key, n):
+        x, s, beh = self.base.sample(key, n)
+        return {"x_narrow": (x[:, :-1], s, beh), "labels_01": (x, (s + 1) / 2, beh),
+                "behavior_high": (x, s, beh + 5), "s_2d": (x, s[:, None], beh)}[self.kind]
+
+    def gaussian_equivalent(self):
+        return self.base
+
+
+def _raise(g, p):
+    raise RuntimeError("boom in builder")
+
+
+BROKEN = [
+    ("x_narrow", lambda g, p: _Broken(g, "x_narrow"), r"sample\(key, n\) returned x of shape \((\d+), 1\); expected \(n, d\) = \(\1, 2\)"),
+    ("labels_01", lambda g, p: _Broken(g, "labels_01"), r"labels s with values \[0.0\]; expected \+1 \(chosen = a\) or -1"),
+    ("behavior_high", lambda g, p: _Broken(g, "behavior_high"), r"behavior indices in \[5, 5\]; expected integers in \[0, K\) = \[0, 1\)"),
+    ("s_2d", lambda g, p: _Broken(g, "s_2d"), r"returned s \(.*, 1\) and behavior .*; expected \(.*,\) each"),
+    ("raises", _raise, r"RuntimeError: boom in builder"),
+    ("not_traceable", lambda g, p: _Broken(g, "x_narrow") if float(p["q"]) > 0 else g,
+     r"ConcretizationTypeError.*keep them traceable"),
+    ("returns_float", lambda g, p: 3.0, r"builder returned float, not a distribution"),
+    ("sample_only", lambda g, p: _SampleOnly(g), r"without components\(\) or gaussian_equivalent\(\).*mode = \"empirical\""),
+]
+
+
+@pytest.mark.parametrize("name,build,message", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_custom_family_is_refused_in_one_line(tmp_path, capsys, name, build, message):
+    import re
+
+    sw.register_family(f"broken_{name}", build, params={"q": 1.0} if name == "not_traceable" else None, replace=True)
+    cfg = _cfg(tmp_path, f"[base]\nd = 2\nn = 8\nn_eval = 8\nsteps = 2\nfamily = \"broken_{name}\"\n")
+    code = main(["sweep", str(cfg), "--out", str(tmp_path / "r.zarr"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_empirical_only_family_runs_without_analytic_methods(tmp_path):
     sw.register_family("sample_only", lambda g, p: _SampleOnly(g), replace=True)
-    tiny = "[base]\nd = 2\nn = 8\nn_eval = 8\nsteps = 2\nfamily = \"{}\"\nmode = \"{}\"\n"
-    with pytest.raises(UsageError, match=r"sample\(key, n\) returned s \(8, 1\).*expected \(8,\)"):
-        sw.run_sweep(sw.load_config(_cfg(tmp_path, tiny.format("bad_shapes", "both"))), tmp_path / "a.zarr",
-                     progress=False)
-    assert not (tmp_path / "a.zarr").exists()
-    with pytest.raises(UsageError, match=r"without components\(\) or gaussian_equivalent\(\).*mode = \"empirical\""):
-        sw.run_sweep(sw.load_config(_cfg(tmp_path, tiny.format("sample_only", "both"))), tmp_path / "b.zarr",
-                     progress=False)
-    assert not (tmp_path / "b.zarr").exists()
-    # the empirical layer alone needs only sample(): it runs, with the Gaussian's own samples
-    cfg = sw.load_config(_cfg(tmp_path, tiny.format("sample_only", "empirical")))
+    tiny = "[base]\nd = 2\nn = 8\nn_eval = 8\nsteps = 2\nfamily = \"sample_only\"\nmode = \"empirical\"\n"
+    cfg = sw.load_config(_cfg(tmp_path, tiny))
     ds = xr.open_zarr(sw.run_sweep(cfg, tmp_path / "c.zarr", progress=False).path).load()
-    f = sw.configuration_fields(cfg, ())
-    gauss, head = sw.build_distribution(f, d=2)
+    gauss, head = sw.build_distribution(sw.configuration_fields(cfg, ()), d=2)
     emp = dd.empirical_trajectory(gauss, sw.seed_key(0, 0), n=8, n_eval=8, beta=1.0, lr=0.1, steps=2)
     np.testing.assert_allclose(ds["loss"].sel(split="train").values[0], emp.train["loss"], rtol=RTOL, atol=ATOL)
     assert "population_loss" not in ds
@@ -168,10 +191,10 @@ def test_register_family_refuses_bad_definitions():
     with pytest.raises(ValueError, match="family 'laplace' is already registered"):
         sw.register_family("laplace", lambda g, p: g)
     with pytest.raises(ValueError, match=r"default.*out of range"):
-        sw.register_family("bad_default", lambda g, p: g, params={"q": {"default": 3.0, "high": 1.0}})
+        sw.register_family("bad_default", lambda g, p: g, params={"bad_q": {"default": 3.0, "high": 1.0}})
     with pytest.raises(ValueError, match="must be a Python identifier"):
         sw.register_family("not a name", lambda g, p: g)
-    assert "clash" not in sw.FAMILIES and "bad_default" not in sw.FAMILIES and "q" not in sw.FIELDS
+    assert "clash" not in sw.FAMILIES and "bad_default" not in sw.FAMILIES and "bad_q" not in sw.FIELDS
 
 
 PLUGIN = '''
@@ -207,7 +230,24 @@ def test_cli_import_registers_a_family(tmp_path, capsys):
     assert '"family": "plugin_uniform"' in ds.attrs["config"]
     x = ds["loss"].sel(split="train").values
     assert np.isfinite(x).all() and x[0, 0] == pytest.approx(math.log(2), rel=1e-6)
+    digest = json.loads(ds.attrs["config"])["family_code"]["plugin_uniform"]
+    assert digest["builder"].endswith(":<lambda>") and len(digest["source_sha256"]) == 64
     capsys.readouterr()
+    # the same plugin twice is imported once; rerunning resumes the finished store
+    args = ["sweep", str(cfg), "--out", str(tmp_path / "u.zarr"), "--no-progress"]
+    assert main(args + ["--import", str(plugin), "--import", str(plugin)]) == 0
+    assert "1 resumed" in capsys.readouterr().out
+    # an edited plugin is another sweep: refused on the old store (no silent resume of stale results)
+    plugin.write_text(PLUGIN.replace("jnp.sqrt(3.0) * sd", "2.0 * jnp.sqrt(3.0) * sd"))
+    sw.unregister_family("plugin_uniform")
+    sw._IMPORTED.clear()
+    assert main(args + ["--import", str(plugin)]) == 2
+    assert "family_code" in capsys.readouterr().err
+    sw.unregister_family("plugin_uniform")
+    with pytest.raises(ValueError, match="shipped family"):
+        sw.unregister_family("laplace")
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "v.zarr"), "--no-progress"]) == 2
+    assert "--import" in capsys.readouterr().err  # an unregistered family: the hint says how to register it
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "v.zarr"), "--import", str(tmp_path / "nope.py")]) == 2
     assert "--import" in capsys.readouterr().err and not (tmp_path / "v.zarr").exists()
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "v.zarr"), "--import", "no_such_module_xyz"]) == 2
@@ -276,14 +316,14 @@ def test_mixture_family_population_matches_large_sample(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("[base]\nfamily = \"student_t\"\nnu = 2.0\n", "base.nu: nu = 2.0 is out of range; pass a value in > 2"),
+    ("[base]\nfamily = \"student_t\"\nnu = 2.0\n", "base.nu: nu = 2.0 is out of range; pass a value > 2"),
     ("[base]\nfamily = \"student_t\"\n[grid]\nnu = [1.5, 5.0]\n", "grid.nu[0]: nu = 1.5 is out of range"),
     ("[base]\nnu = 5.0\n", "base.nu: nu is a parameter of family 'student_t', which this sweep does not use"),
     ("[base]\nfamily = \"mixture\"\nmixture_spread = 1.0\n", "base.mixture_spread: mixture_spread = 1.0 is out of range"),
     ("[base]\nfamily = \"cauchy\"\n", "base.family: unknown value 'cauchy'"),
     ("[base]\nlabel_noise = 0.6\n", "base.label_noise: label_noise = 0.6 is out of range; pass a value in [0, 0.5]"),
     ("[grid]\nlabel_noise = [0.1, -0.1]\n", "grid.label_noise[1]: label_noise = -0.1 is out of range"),
-    ("[base]\nloss_weight = -1.0\n", "base.loss_weight: loss_weight = -1.0 is out of range; pass a value in >= 0"),
+    ("[base]\nloss_weight = -1.0\n", "base.loss_weight: loss_weight = -1.0 is out of range; pass a value >= 0"),
     ("[base]\ndistinguishability = [1.0, 2.0]\nloss_weight = [1.0, 1.0, 1.0]\n",
      "base.loss_weight: has 3 values but distinguishability gives K = 2"),
     ("[base]\ndistinguishability = [1.0, 2.0]\n[grid]\nweight_0 = [0.5, 1.2]\n", "grid.weight_0[1]: weight = 1.2 is out of range"),
@@ -401,12 +441,63 @@ def test_weight_axes_rescale_the_unswept_behaviours(tmp_path):
 
 def test_shipped_interventions_config(capsys):
     cfg = sw.load_config("builtin:interventions")
-    assert cfg.axes == ("loss_weight_1", "label_noise_0", "weight_1", "init_offset", "optimizer", "family", "nu")
-    assert cfg.shape == (3, 2, 2, 2, 2, 3, 2) and "mixture_spread" in cfg.base
+    assert cfg.axes == ("loss_weight_1", "label_noise_0", "weight_1", "init_offset", "optimizer", "family")
+    assert cfg.shape == (3, 2, 2, 2, 2, 3) and cfg.base["nu"] == 3.0 and "mixture_spread" in cfg.base
     assert len(sw._static_combos(cfg)) == 6  # optimizer × family compile groups
-    f = sw.configuration_fields(cfg, (2, 1, 1, 1, 1, 2, 0))
+    f = sw.configuration_fields(cfg, (2, 1, 1, 1, 1, 2))
     assert f["loss_weight"] == [1.0, 16.0] and f["label_noise"] == [0.2, 0.0]
     assert f["weight"] == pytest.approx([0.2, 0.8]) and f["init_offset"] == 1.0
-    assert (f["optimizer"], f["family"], f["nu"]) == ("adam", "mixture", 3.0)
+    assert (f["optimizer"], f["family"]) == ("adam", "mixture")
     assert main(["sweep", "builtin:interventions", "--out", "unused.zarr", "--dry-run"]) == 0
-    assert "288 configurations x 8 seeds, " in capsys.readouterr().out
+    assert "144 configurations x 8 seeds, " in capsys.readouterr().out
+
+
+def test_orthogonal_behaviours_stay_orthogonal_under_adam(tmp_path):
+    """angle = 90 builds exactly orthogonal directions, so λ_1 = 0 leaves behaviour 1 at accuracy 1/2
+    even under Adam, whose per-coordinate scaling would amplify a float32 leak of cos(90°)."""
+    cfg, ds = _run(tmp_path, """
+        [base]
+        mode = "population"
+        optimizer = "adam"
+        distinguishability = [2.0, 1.0, 0.5]
+        d = 4
+        steps = 20
+        record_every = 10
+        [grid]
+        loss_weight_1 = [0.0, 1.0]
+    """)
+    gauss, _ = sw.build_distribution(sw.configuration_fields(cfg, (0,)), d=4)
+    np.testing.assert_array_equal(np.asarray(gauss.mu_pos), np.diag([1.0, 0.5, 0.25, 0.0])[:3])
+    acc = ds["population_behavior_reward_accuracy"].values  # (λ1, step, behavior)
+    np.testing.assert_array_equal(acc[0, 1:, 1], 0.5)
+    assert (acc[1, 1:, 1] > 0.55).all()  # λ_1 = 1: learned
+
+
+@pytest.mark.parametrize("text,where", [
+    ("[base]\ndistinguishability = 0.0\ninit_offset = 1.0\n", "base.init_offset"),
+    ("[base]\ndistinguishability = [1.0, 1.0]\nangle = 180.0\naligned_head_norm = 0.5\n", "base.aligned_head_norm"),
+    ("[base]\ninit_offset = 1.0\n[grid]\ndistinguishability = [1.0, 0.0]\n", "base.init_offset"),
+])
+def test_head_offset_needs_a_preference_direction(tmp_path, text, where):
+    with pytest.raises(UsageError, match=rf"{where}: .* the preference mean m̄ is 0 at .*use .* = 0 there"):
+        sw.load_config(_cfg(tmp_path, text))
+    # with weights that leave m̄ ≠ 0 the same head is fine
+    sw.load_config(_cfg(tmp_path, "[base]\ndistinguishability = [1.0, 1.0]\nangle = 180.0\nweight = [0.6, 0.4]\n"
+                                  "aligned_head_norm = 0.5\n"))
+
+
+def test_eps_applies_to_the_smoothed_losses_only(tmp_path):
+    cfg, ds = _run(tmp_path, """
+        [base]
+        mode = "population"
+        eps = 0.2
+        distinguishability = 1.5
+        d = 2
+        steps = 10
+        [grid]
+        loss = ["sigmoid", "cdpo"]
+    """)
+    g = dd.GaussianPreference.single(1.5, 2)
+    for i, (loss, eps) in enumerate([("sigmoid", 0.0), ("cdpo", 0.2)]):
+        want = dd.population_trajectory(g, beta=1.0, lr=0.1, steps=10, loss=loss, eps=eps).metrics["loss"]
+        np.testing.assert_allclose(ds["population_loss"].values[i], want, rtol=1e-5)
