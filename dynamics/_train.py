@@ -84,29 +84,35 @@ def segment_mean(values, segment_ids, num_segments):
     return jnp.where(cnt > 0, tot / jnp.where(cnt > 0, cnt, 1.0), jnp.nan)
 
 
-#: most int32 entries of a precomputed minibatch-order table (64 MiB); beyond it the
+#: most int32 entries of one precomputed minibatch-order table (64 MiB); beyond it the
 #: epoch's permutation is recomputed at each step (same values, one sort per step)
 PERM_TABLE_MAX = 1 << 24
 
 
-def epoch_orders(key, n: int, batch_size: int, steps: int, copies: int = 1):
-    """The minibatch orders of every epoch, ``(E, n)`` with ``E = ⌈steps / (n // batch_size)⌉``.
+def epoch_orders_fit(n: int, batch_size: int, steps: int, d: int, copies: int = 1) -> bool:
+    """Whether the order tables of :func:`epoch_orders` are precomputed.
+
+    Yes when the table, ``E · n`` int32 entries (``E = ⌈steps / (n // batch_size)⌉`` epochs), is at
+    most twice the ``n × d`` training embeddings it indexes — so a vmapped run (seeds,
+    configurations) holds at most twice its data's memory in tables — and ``copies`` tables (held
+    at once by one call) stay within :data:`PERM_TABLE_MAX` entries.
+    """
+    num_epochs = -(-steps // (n // batch_size))
+    return num_epochs <= 2 * d and copies * num_epochs * n <= PERM_TABLE_MAX
+
+
+def epoch_orders(key, n: int, batch_size: int, steps: int, d: int):
+    """The minibatch orders of every epoch, ``(E, n)`` int32, or ``None`` (see :func:`epoch_orders_fit`).
 
     Epoch ``e`` visits the pairs in the order ``jax.random.permutation(fold_in(key, e), n)``
-    (per-epoch reshuffling; the last partial batch is dropped). Returns ``None`` when
-    ``copies · E · n`` exceeds :data:`PERM_TABLE_MAX` (``copies``: how many such tables are
-    held at once, e.g. one per vmapped configuration); :func:`minibatch_index` then draws
-    the epoch's permutation at each step instead — the same indices either way.
+    (per-epoch reshuffling; the last partial batch is dropped). With ``None``,
+    :func:`minibatch_index` draws the epoch's permutation at each step instead — the same indices
+    either way.
     """
-    if not epoch_orders_fit(n, batch_size, steps, copies):
+    if not epoch_orders_fit(n, batch_size, steps, d):
         return None
     num_epochs = -(-steps // (n // batch_size))
     return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
-
-
-def epoch_orders_fit(n: int, batch_size: int, steps: int, copies: int = 1) -> bool:
-    """Whether ``copies`` tables of :func:`epoch_orders` fit in :data:`PERM_TABLE_MAX` entries."""
-    return copies * -(-steps // (n // batch_size)) * n <= PERM_TABLE_MAX
 
 
 def minibatch_index(t, key, table, n: int, batch_size: int):

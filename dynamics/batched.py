@@ -669,10 +669,10 @@ def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size
     tr = splits["train"]
 
     if batch_size is not None and draws == "common":
-        table = epoch_orders(key_batch, n, batch_size, steps)
+        table = epoch_orders(key_batch, n, batch_size, steps, d)
     elif batch_size is not None:
-        fits = epoch_orders_fit(n, batch_size, steps, copies=key_batch.shape[0])
-        table = jax.vmap(lambda kk: epoch_orders(kk, n, batch_size, steps))(key_batch) if fits else None
+        fits = epoch_orders_fit(n, batch_size, steps, d, copies=key_batch.shape[0])
+        table = jax.vmap(lambda kk: epoch_orders(kk, n, batch_size, steps, d))(key_batch) if fits else None
 
     def take(t):
         if batch_size is None:
@@ -949,6 +949,30 @@ def _batch_cfg(batch: PreferenceBatch, dtype):
             ("mu_pos", "mu_neg", "root_pos", "root_neg", "p_pos", "weight")}
 
 
+def _common_inputs(batch, beta, lr, eps, steps, record_every, loss, optimizer):
+    """Checks and per-configuration arrays shared by both batched engines.
+
+    Returns ``(batch, steps, record_every, dtype, cfg)``: the validated batch and schedule, the
+    active default float dtype (as the core engines use) and the distribution arrays with
+    ``beta``, ``lr``, ``eps`` of shape ``(C,)``. Raises ValueError for a bad argument (named).
+    """
+    if not isinstance(batch, PreferenceBatch):
+        raise ValueError(f"batch must be a PreferenceBatch, got {type(batch).__name__}; "
+                         "build one with PreferenceBatch.from_dists(dists)")
+    batch = batch.validate()
+    validate_loss(loss, None, 0.0)
+    steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)  # lr: below
+    c = batch.mu_pos.shape[0]
+    dtype = np.dtype(jnp.result_type(float))
+    cfg = _batch_cfg(batch, dtype)
+    cfg["beta"] = _per_config("beta", beta, c, dtype)
+    cfg["lr"] = _per_config("lr", 0.0 if lr is None else lr, c, dtype,
+                            positive=lr is not None and not hasattr(optimizer, "update"))
+    cfg["eps"] = _per_config("eps", eps, c, dtype, positive=False)
+    _check_eps(loss, cfg["eps"])
+    return batch, steps, record_every, dtype, cfg
+
+
 def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, lr=None, steps: int,
                                  loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
                                  n_eval: int = 2048, record_every: int = 1, head: Head | None = None,
@@ -991,23 +1015,13 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
 
     Source: THEORY.md §1–§3; the construction is in docs/performance.md.
     """
-    if not isinstance(batch, PreferenceBatch):
-        raise ValueError(f"batch must be a PreferenceBatch, got {type(batch).__name__}; "
-                         "build one with PreferenceBatch.from_dists(dists)")
-    batch = batch.validate()
-    validate_loss(loss, None, 0.0)
     check_choice("draws", draws, DRAWS)
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
-    steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)  # lr: below
+    batch, steps, record_every, dtype, cfg = _common_inputs(batch, beta, lr, eps, steps, record_every, loss,
+                                                            optimizer)
     batch_size = check_batch_size(batch_size, n)
     c, k, d = batch.mu_pos.shape
-    dtype = np.dtype(jnp.result_type(float))  # the active default float, as the core engines use
-    cfg = _batch_cfg(batch, dtype)
-    cfg["beta"] = _per_config("beta", beta, c, dtype)
-    cfg["lr"] = _per_config("lr", 0.0 if lr is None else lr, c, dtype, positive=lr is not None and not hasattr(optimizer, "update"))
-    cfg["eps"] = _per_config("eps", eps, c, dtype, positive=False)
-    _check_eps(loss, cfg["eps"])
     heads, a, b, head_kind = _head_arrays(head, c, d, dtype)
     vocab = heads["w0"].shape[1]
     empty = np.zeros((c, vocab, 0), dtype)  # only the vocabulary size is needed
@@ -1069,18 +1083,9 @@ def batched_population_trajectory(batch: PreferenceBatch, *, beta, lr=None, step
     Raises:
       ValueError: bad argument (named). Source: THEORY.md §3.
     """
-    if not isinstance(batch, PreferenceBatch):
-        raise ValueError(f"batch must be a PreferenceBatch, got {type(batch).__name__}")
-    batch = batch.validate()
-    validate_loss(loss, None, 0.0)
-    steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)  # lr: below
+    batch, steps, record_every, dtype, cfg = _common_inputs(batch, beta, lr, eps, steps, record_every, loss,
+                                                            optimizer)
     c, k, d = batch.mu_pos.shape
-    dtype = np.dtype(jnp.result_type(float))  # the active default float, as the core engines use
-    cfg = _batch_cfg(batch, dtype)
-    cfg["beta"] = _per_config("beta", beta, c, dtype)
-    cfg["lr"] = _per_config("lr", 0.0 if lr is None else lr, c, dtype, positive=lr is not None and not hasattr(optimizer, "update"))
-    cfg["eps"] = _per_config("eps", eps, c, dtype, positive=False)
-    _check_eps(loss, cfg["eps"])
     heads, _, _, _ = _head_arrays(head, c, d, dtype)
     cfg["u_ref"], cfg["d0"] = heads["u_ref"], heads["d0"]
     if chunk_size is None:

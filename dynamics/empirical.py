@@ -28,7 +28,8 @@ from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
 from .population import as_default_float, check_interventions
 
-__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "METRICS"]
+__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "check_pair_values",
+           "METRICS"]
 
 METRICS = (
     "loss", "reward_accuracy", "policy_accuracy", "rewards_chosen", "rewards_rejected",
@@ -110,9 +111,9 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     k = dist.num_behaviors
     check_interventions(k, label_noise, loss_weight)
     key_train, key_eval, key_batch = jax.random.split(key, 3)
-    shape = dict(dim=getattr(dist, "dim", None), num_behaviors=k, values=True)
-    train = check_sample(dist.sample(key_train, n), n, "sample(key, n)", **shape)
-    held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)", **shape)
+    dim = getattr(dist, "dim", None)  # the values are checked by trajectory_on_data
+    train = check_sample(dist.sample(key_train, n), n, "sample(key, n)", dim=dim)
+    held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)", dim=dim)
     noisy_s = None
     if label_noise is not None:
         noisy_s = flip_labels(jax.random.fold_in(key, 1), train[1], train[2], label_noise)
@@ -136,8 +137,7 @@ def check_sample(out, n: int, what: str, *, dim: int | None = None, num_behavior
       out: what ``sample(key, n)`` returned. n: the number of pairs asked for.
       what: how to name the call in messages.
       dim: the distribution's ``d`` (checks ``x.shape[1]``). num_behaviors: K.
-      values: also check the values (concrete arrays only): ``x`` finite, ``s ∈ {+1, −1}``,
-        ``behavior ∈ [0, K)``.
+      values: also check the values (:func:`check_pair_values`; concrete arrays only).
 
     Returns:
       ``(x, s, behavior)``.
@@ -157,16 +157,29 @@ def check_sample(out, n: int, what: str, *, dim: int | None = None, num_behavior
         raise ValueError(f"{what} returned s {jnp.shape(s)} and behavior {jnp.shape(beh)}; expected ({n},) each")
     if not jnp.issubdtype(beh.dtype, jnp.integer):
         raise ValueError(f"{what} returned behavior of dtype {beh.dtype}; expected an integer dtype")
-    if values and is_concrete((x, s, beh)):
-        if not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"{what} returned non-finite embeddings x (NaN or inf); return finite values")
-        if not bool(jnp.all(jnp.abs(s) == 1)):
-            bad = sorted({float(v) for v in jnp.unique(s)} - {1.0, -1.0})[:4]
-            raise ValueError(f"{what} returned labels s with values {bad}; expected +1 (chosen = a) or -1 (chosen = b)")
-        if num_behaviors is not None and not bool(jnp.all((beh >= 0) & (beh < num_behaviors))):
-            raise ValueError(f"{what} returned behavior indices in [{int(beh.min())}, {int(beh.max())}]; expected "
-                             f"integers in [0, K) = [0, {num_behaviors})")
+    if values:
+        check_pair_values(what, x, s, beh, num_behaviors)
     return x, s, beh
+
+
+def check_pair_values(name: str, x, s, behavior, num_behaviors: int | None = None) -> None:
+    """Check the values of preference pairs (concrete arrays only; skipped under tracing).
+
+    Args:
+      name: how to name the data in messages. x: ``(n, d)`` embeddings, finite.
+      s: ``(n,)`` labels in {+1, −1}. behavior: ``(n,)`` indices in ``[0, num_behaviors)``.
+
+    Raises:
+      ValueError: non-finite x, a label other than ±1, or a behaviour index out of range (named).
+    """
+    check_finite(f"{name}: x", x)
+    if is_concrete(s) and not bool(jnp.all(jnp.abs(s) == 1)):
+        bad = sorted({float(v) for v in jnp.unique(jnp.asarray(s))} - {1.0, -1.0})[:4]
+        raise ValueError(f"{name}: labels s with values {bad}; expected +1 (chosen = a) or -1 (chosen = b)")
+    if num_behaviors is not None and is_concrete(behavior) and jnp.size(behavior) \
+            and not bool(jnp.all((behavior >= 0) & (behavior < num_behaviors))):
+        raise ValueError(f"{name}: behavior indices in [{int(jnp.min(behavior))}, {int(jnp.max(behavior))}]; "
+                         f"expected integers in [0, K) = [0, {num_behaviors})")
 
 
 def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=None, steps: int,
@@ -185,7 +198,8 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
       Other arguments as in :func:`empirical_trajectory`.
 
     Raises:
-      ValueError: shapes that disagree, labels not in {±1}, NaN in x, bad hyper-parameters.
+      ValueError: shapes that disagree, labels not in {±1}, NaN in x, behaviour indices outside
+        [0, num_behaviors), bad hyper-parameters.
     """
     validate_loss(loss, beta, eps)
     check_choice("path", path, ("reduced", "full"))
@@ -196,9 +210,7 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
     for split, (xx, ss, bb) in (("train", train), ("held_out", held_out)):
         if xx.ndim != 2 or ss.shape != (xx.shape[0],) or bb.shape != (xx.shape[0],):
             raise ValueError(f"{split}: expected x (n, d), s (n,), behavior (n,); got {xx.shape}, {ss.shape}, {bb.shape}")
-        check_finite(f"{split}.x", xx)
-        if is_concrete(ss) and not bool(jnp.all(jnp.abs(ss) == 1)):
-            raise ValueError(f"{split}.s must hold labels +1 (chosen = a) or -1 (chosen = b)")
+        check_pair_values(split, xx, ss, bb, num_behaviors)
     if xe.shape[1] != x.shape[1]:
         raise ValueError(f"held_out has d = {xe.shape[1]} but train has d = {x.shape[1]}; they must match")
     d = x.shape[1]
@@ -267,7 +279,7 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         "eval": (xe, se, behe, xe @ w0.T, ref_logps(xe, se)),
     }
 
-    table = None if batch_size is None else epoch_orders(key, n, batch_size, steps)
+    table = None if batch_size is None else epoch_orders(key, n, batch_size, steps, x.shape[1])
 
     def take(t, *arrays):
         """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped)."""

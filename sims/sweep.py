@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dynamics as dd
+from dynamics._train import OPTIMIZERS
 from dynamics.empirical import check_sample
 
 from . import distributed
@@ -82,7 +83,6 @@ __all__ = [
 
 MODES = ("population", "empirical", "both")
 DISTRIBUTIONS = ("gaussian", "file")
-OPTIMIZERS = ("sgd", "momentum", "adam")
 METHODS = ("gd", "flow")
 SPLITS = ("train", "eval")
 TOP_KEYS = ("name", "description", "seeds", "seed", "base", "grid", "reproduce")
@@ -452,10 +452,15 @@ class SweepConfig:
     @property
     def families(self) -> set[str]:
         """The families the sweep uses (the ``family`` axis, or the base value)."""
-        return set(self.grid.get("family", [self.base.get("family", "gaussian")]))
+        return _families_in(self.base, self.grid)
 
     def fingerprint(self) -> str:
         return config_fingerprint(self.resolved())
+
+
+def _families_in(base: dict, grid: dict) -> set[str]:
+    """The families a sweep uses: its ``family`` axis, or the base value."""
+    return set(grid.get("family", [base.get("family", "gaussian")]))
 
 
 def _code_digest(fn) -> dict:
@@ -695,7 +700,7 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
 
     # family parameters: only those of the families the sweep uses (a family registered later
     # does not change the resolved config of sweeps that do not use it)
-    used = set(grid.get("family", [base["family"]]))
+    used = _families_in(base, grid)
     for key in list(base):
         fam = FIELDS[key].family
         if fam is None or fam in used:
@@ -1113,8 +1118,9 @@ def _check_program(cfg: SweepConfig, spec0: GroupSpec, params0, keys) -> dict:
       UsageError: one line naming the family, what it returned and what was expected.
     """
     specs = {spec0.family: spec0}
-    for spec in _static_combos(cfg):
-        specs.setdefault(spec.family, spec)
+    for combo in _static_combos(cfg):
+        specs.setdefault(combo.family, combo)
+    spec = spec0  # the one being checked, for the messages
     try:
         layout = _layout(cfg, spec0, params0, keys)
         for spec in specs.values():
@@ -1141,7 +1147,7 @@ def _check_concrete_sample(cfg: SweepConfig, spec: GroupSpec, params0) -> None:
     gaussian, _ = build_distribution(p, d=spec.d, file_dist=cfg.file_dist)
     dist = build_family(spec.family, gaussian, p)
     check_sample(dist.sample(jax.random.key(0), 64), 64, f"family {spec.family!r}: sample(key, n)",
-                    dim=gaussian.dim, num_behaviors=gaussian.num_behaviors, values=True)
+                 dim=gaussian.dim, num_behaviors=gaussian.num_behaviors, values=True)
 
 
 # --------------------------------------------------------------------------- chunks

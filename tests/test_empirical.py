@@ -120,7 +120,7 @@ def test_minibatch_order_table_equals_per_step_permutation(monkeypatch):
     from dynamics import _train
 
     key, n, b, steps = jax.random.key(3), 10, 3, 7  # 3 steps per epoch (one pair dropped), 3 epochs
-    table = _train.epoch_orders(key, n, b, steps)
+    table = _train.epoch_orders(key, n, b, steps, d=2)
     assert table.shape == (3, n)
     for t in range(steps):
         idx = np.asarray(_train.minibatch_index(t, key, table, n, b))
@@ -129,10 +129,12 @@ def test_minibatch_order_table_equals_per_step_permutation(monkeypatch):
         np.testing.assert_array_equal(idx, _train.minibatch_index(t, key, None, n, b))
     for e in range(3):
         assert len(set(np.asarray(table[e][:9]).tolist())) == 9
-    assert _train.epoch_orders_fit(n, b, steps, copies=_train.PERM_TABLE_MAX // 30)
-    assert not _train.epoch_orders_fit(n, b, steps, copies=_train.PERM_TABLE_MAX // 30 + 1)
+    assert _train.epoch_orders_fit(n, b, steps, 2, copies=_train.PERM_TABLE_MAX // 30)
+    assert not _train.epoch_orders_fit(n, b, steps, 2, copies=_train.PERM_TABLE_MAX // 30 + 1)
+    # at most twice the embeddings' n·d entries: 3 epochs need d ≥ 2
+    assert _train.epoch_orders(key, n, b, steps, d=1) is None
     monkeypatch.setattr(_train, "PERM_TABLE_MAX", 29)
-    assert _train.epoch_orders(key, n, b, steps) is None
+    assert _train.epoch_orders(key, n, b, steps, d=2) is None
 
 
 def test_custom_optax_and_vmap_over_keys(rng):
