@@ -1,6 +1,6 @@
 """The benchmark contenders, each doing the same work.
 
-The work (issue 6): ``C`` one-behaviour configurations ``μ± = ±(Δ_c/2) e₁``,
+The work: ``C`` one-behaviour configurations ``μ± = ±(Δ_c/2) e₁``,
 ``Σ = I_d``, p = 1/2, with Δ_c spread over [0.5, 2]; each samples ``N``
 preference pairs and trains a zero-initialised last-layer head (V = 2) with
 DPO (sigmoid loss, β = 1) by full-batch GD for ``T`` steps at η = 0.1. A
@@ -14,6 +14,7 @@ Timings exclude compilation: each JAX function is run once before timing.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -277,3 +278,45 @@ def _torch_loop(torch, nn, c, n, d, steps, seed, data):
             w = head.weight
             deltas[i] = (w[0] - w[1]).numpy()
     return time.perf_counter() - t0, deltas
+
+
+def sweep_cli_callable(c: int, n: int, d: int, steps: int, *, seed: int = 0):
+    """A warmed-up call of ``sims.sweep.run_sweep`` on the engine row's work, end to end.
+
+    The same C configurations (Δ_c = ``linspace(0.5, 2, C)``, σ = 1, β, η as the engine row, one
+    seed, N training and N held-out pairs, records at steps 0 and T) from a config to a zarr store,
+    in one chunk: the config is parsed, planned, built (``build_distribution``), run through
+    ``dynamics.trajectories`` and written. ``run(out)`` writes a new store at ``out``.
+    Returns ``(run, temporary directory)``.
+    """
+    import tempfile
+
+    from sims.sweep import parse_config, run_sweep
+
+    cfg = parse_config({"name": "bench", "seeds": 1, "seed": seed,
+                        "base": {"d": d, "n": n, "n_eval": n, "steps": steps, "record_every": steps,
+                                 "beta": BETA, "lr": LR, "sigma": 1.0, "mode": "empirical"},
+                        "grid": {"distinguishability": [float(v) for v in distinguishabilities(c)]}},
+                       source="<bench>")
+    tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-sweep-"))
+    run = lambda out: run_sweep(cfg, out, chunk_size=c, progress=False, log=lambda msg: None,
+                                compile_mode="optimized")
+    run(tmp / "warmup.zarr")  # compile
+    return run, tmp
+
+
+def sweep_cli_run(c: int, n: int, d: int, steps: int, *, repeats: int = 1) -> float:
+    """Seconds of a warm ``run_sweep`` of :func:`sweep_cli_callable` into a new store (best of
+    ``repeats``; removing the stores is not timed)."""
+    import shutil
+
+    run, tmp = sweep_cli_callable(c, n, d, steps)
+    best = np.inf
+    try:
+        for i in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            run(tmp / f"run{i}.zarr")
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return best

@@ -8,12 +8,14 @@ RSS only grows within a process. Sizes (full / ``--quick``):
 measurement                 full                                  quick
 ==========================  ====================================  ===========================
 headline (keys)             C = 4096, N = 1024, d = 64, T = 200   C = 1024, N = 1024, d = 64, T = 100
+sweep CLI end to end        the headline's work                   the headline's work
 roofline vs C               C ∈ {256, 1024, 4096}                 C ∈ {256, 1024}
 independent draws           C = 256                               C = 64
 PyTorch / NumPy loops       4 / 16 configurations                 2 / 4 configurations
 vmap of the core engine     C = 256                               C = 64
 population engine           C = 2048, T = 100                     C = 512, T = 50
 population vs vmap(core)    C = 256, d = 512, T = 20              C = 64, d = 256, T = 10
+population by quadrature    C = 2048, T = 100, fast vs reference  C = 512, T = 50
 cost exponents              4 sizes per axis around               3 sizes per axis around
                             C=1024, N=512, d=64, T=100            C=512, N=256, d=32, T=40
 peak RSS vs C (subprocess)  C ∈ {10³, 10⁴, 10⁵}, T = 10           C ∈ {10³, 10⁴}, T = 4
@@ -129,10 +131,35 @@ def _rss_point(c: int, spec: dict, timeout: float) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def population_by_quadrature(c: int, d: int, steps: int, *, repeats: int = 1) -> dict:
+    """The batched population engine with the ``"fast"`` and the ``"reference"`` quadrature rule.
+
+    Alternates the rules ``repeats`` times (best time of each; compilation
+    excluded), so both see the same machine load. Returns sizes, both rates, the
+    speedup (reference time / fast time), the nodes per component of each rule and
+    the largest ``|δ_T(fast) − δ_T(reference)|`` (float32 unless x64 is enabled).
+    """
+    from dynamics import gaussian_integrals as gi
+
+    best, deltas = {}, {}
+    for _ in range(max(1, repeats)):
+        for rule in ("reference", "fast"):
+            with gi.quadrature_rule(rule):
+                sec, delta = engines.population_run(c, d, steps, repeats=1)
+            best[rule] = min(best.get(rule, np.inf), sec)
+            deltas[rule] = np.asarray(delta)
+    return {"c": c, "d": d, "steps": steps,
+            "fast_config_steps_per_s": _rate(c, steps, best["fast"]),
+            "reference_config_steps_per_s": _rate(c, steps, best["reference"]),
+            "speedup": best["reference"] / best["fast"],
+            "fast_nodes": gi.quadrature_nodes("fast"), "reference_nodes": gi.quadrature_nodes("reference"),
+            "max_abs_delta_difference": float(np.max(np.abs(deltas["fast"] - deltas["reference"])))}
+
+
 def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bool = True) -> dict:
     """Run every measurement; return the report (the ``--json`` content).
 
-    Keys (issue 6): ``engine_config_steps_per_s``, ``engine_gflops``,
+    Keys: ``engine_config_steps_per_s``, ``engine_gflops``,
     ``gemm_gflops``, ``roofline_fraction``, ``torch_loop_config_steps_per_s``,
     ``speedup_vs_torch_loop`` (None when torch is absent, with
     ``torch_loop_skipped`` saying why), ``numpy_loop_config_steps_per_s``,
@@ -140,6 +167,10 @@ def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bo
     ``roofline_vs_configs``, ``exponents``, ``exponent_points``, ``peak_rss``,
     ``vmap_core_config_steps_per_s``, ``independent_draws_config_steps_per_s``,
     ``torch_loop_by_threads``, ``population_vs_core``,
+    ``sweep_cli_config_steps_per_s`` (the engine row's work through ``sims.sweep.run_sweep``, config →
+    store, warm) and ``sweep_cli_fraction_of_engine`` (that ÷ ``engine_config_steps_per_s``),
+    ``population_quadrature`` and ``population_speedup_vs_reference_quadrature`` (the batched
+    population engine with the 96-node vs the 1344-node quadrature, :func:`population_by_quadrature`),
     ``square_gemm_gflops``, ``minibatch_order`` (minibatch SGD of the core layer with the
     per-epoch order table vs a permutation per step: seconds, speedup, identical losses),
     ``load_average`` (start, end) and ``seconds``.
@@ -190,6 +221,12 @@ def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bo
         rows.append({"configs": cc, "engine_gflops": ef, "gemm_gflops": gf, "roofline_fraction": ef / gf})
     report["roofline_vs_configs"] = rows
 
+    log(f"dpo-sims sweep end to end (config → store) on the engine row's work: C={c}")
+    ssec = engines.sweep_cli_run(c, n, d, steps, repeats=reps)
+    report["sweep_cli_seconds"] = ssec
+    report["sweep_cli_config_steps_per_s"] = _rate(c, steps, ssec)
+    report["sweep_cli_fraction_of_engine"] = report["sweep_cli_config_steps_per_s"] / report["engine_config_steps_per_s"]
+
     log("independent draws (memory-bound mode)")
     ci = min(c, 64 if quick else 256)
     isec, _ = engines.engine_run(ci, n, d, steps, repeats=1, draws="independent")
@@ -233,6 +270,9 @@ def run_benchmarks(quick: bool = False, *, log=None, rss: bool = True, torch: bo
     vsec, _ = engines.vmap_core_population_run(pv["c"], pv["d"], pv["steps"], repeats=reps)
     report["population_vs_core"] = dict(pv, batched_config_steps_per_s=_rate(pv["c"], pv["steps"], bsec),
                                         vmap_core_config_steps_per_s=_rate(pv["c"], pv["steps"], vsec))
+    log(f"population engine by quadrature rule (fast vs reference): C={p['c']} T={p['steps']}")
+    report["population_quadrature"] = population_by_quadrature(p["c"], p["d"], p["steps"], repeats=max(2, reps))
+    report["population_speedup_vs_reference_quadrature"] = report["population_quadrature"]["speedup"]
 
     mb = plan["minibatch"]
     log(f"minibatch SGD order: per-epoch table vs a permutation per step, {mb}")

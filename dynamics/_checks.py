@@ -1,8 +1,11 @@
 """Input validation that names the field, its value and the fix.
 
-Checks run only on concrete values: inside ``jax.jit`` / ``jax.vmap`` the
-arguments are tracers and the checks are skipped (validate before tracing, as
-the public entry points do).
+The ``check_*`` functions run on concrete values (at the public entry points,
+before anything is sampled or compiled): inside ``jax.jit`` / ``jax.vmap`` the
+arguments are tracers and they are skipped. The hyper-parameters that can be
+traced (β, η, ε) are checked again inside the compiled function by
+:func:`traced_check_hparams` (``equinox.error_if``), so a negative learning rate
+under ``jax.vmap`` raises instead of silently doing gradient ascent.
 """
 from __future__ import annotations
 
@@ -25,12 +28,40 @@ def _short(value) -> str:
     return f"array of shape {arr.shape}"
 
 
+def check_numeric(name: str, value) -> None:
+    """Refuse strings, object arrays and complex values (real numbers only), naming the field.
+
+    Raises ValueError, e.g. ``lr must be a real number, got '0.1' (str); pass a number, e.g. lr=0.1``.
+    """
+    if not is_concrete(value):
+        if _is_complex(value):
+            raise ValueError(f"{name} is complex ({value.dtype}); pass real values (take .real if meant)")
+        return
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r} (str); pass a number, e.g. {name}=0.1")
+    try:
+        arr = np.asarray(value)
+    except Exception:  # ragged nested lists and the like
+        raise ValueError(f"{name} could not be read as a numeric array ({type(value).__name__}); "
+                         "pass a rectangular array of real numbers") from None
+    if arr.dtype == object:
+        raise ValueError(f"{name}: object array is not allowed; pass a numeric array")
+    if arr.dtype.kind in "USV":
+        raise ValueError(f"{name} holds strings ({_short(arr)}, dtype {arr.dtype}); pass real numbers")
+    if arr.dtype.kind == "c":
+        raise ValueError(f"{name} is complex ({arr.dtype}); pass real values (take .real if meant)")
+
+
+def _is_complex(value) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and np.issubdtype(dtype, np.complexfloating)
+
+
 def check_finite(name: str, value) -> None:
+    check_numeric(name, value)
     if not is_concrete(value):
         return
     arr = np.asarray(value)
-    if arr.dtype == object:
-        raise ValueError(f"{name}: object array is not allowed; pass a numeric array")
     if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
         where = f" (first at index {np.argwhere(~np.isfinite(arr))[0].tolist()})" if arr.ndim else ""
         raise ValueError(f"{name} contains NaN or inf{where}; pass finite values")
@@ -38,6 +69,7 @@ def check_finite(name: str, value) -> None:
 
 def check_scalar(name: str, value) -> None:
     """A hyper-parameter must be a scalar (sweep it with ``jax.vmap``, not by passing an array)."""
+    check_numeric(name, value)
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}; use jax.vmap to sweep {name}")
 
@@ -65,6 +97,31 @@ def check_in_range(name: str, value, lo: float, hi: float, *, hi_open: bool = Fa
             f"{name} must lie in [{lo}, {hi}{bracket}, got {_short(value)}; "
             f"pass values in [{lo}, {hi}{bracket}"
         )
+
+
+def traced_check_hparams(beta, lr, eps, *, loss: str, optimizer=None):
+    """In-graph checks of β > 0, η > 0 and ε's range, for values traced by ``jit`` / ``vmap``.
+
+    Call inside the compiled function and use the returned values (the check is tied to
+    them). Under ``jax.vmap`` one bad element raises for the whole call. ``lr`` is not
+    checked when ``optimizer`` is an ``optax.GradientTransformation`` (it is unused then).
+
+    Returns ``(beta, lr, eps)``. Raises (at run time, via ``equinox.error_if``) an
+    ``EqxRuntimeError`` whose message names the field, e.g. ``lr must be > 0 …``.
+    """
+    import equinox as eqx
+    import optax
+
+    beta = eqx.error_if(beta, ~(beta > 0), "beta must be > 0 (a value under jit/vmap was <= 0 or NaN); pass beta > 0")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        lr = eqx.error_if(lr, ~(lr > 0), "lr must be > 0 (a value under jit/vmap was <= 0 or NaN; a negative lr "
+                          "would do gradient ascent); pass lr > 0")
+    from .losses import uses_label_smoothing  # (local: losses imports this module)
+
+    if uses_label_smoothing(loss):
+        eps = eqx.error_if(eps, ~((eps >= 0) & (eps < 0.5)),
+                           "eps must lie in [0, 0.5) (a value under jit/vmap was outside); pass 0 <= eps < 0.5")
+    return beta, lr, eps
 
 
 def check_int(name: str, value, *, minimum: int = 1) -> int:

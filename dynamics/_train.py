@@ -9,23 +9,35 @@ from ._checks import check_int, check_positive
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
+#: heavy-ball coefficient μ of ``optimizer="momentum"`` (``optax.sgd(lr, momentum=μ)``, not Nesterov)
+MOMENTUM = 0.9
+#: Adam's ``(b1, b2, eps)`` of ``optimizer="adam"`` (the optax / PyTorch defaults; ``eps_root = 0``)
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+
 
 def make_optimizer(optimizer, lr) -> optax.GradientTransformation:
-    """``None``/"sgd" → ``optax.sgd(lr)`` (plain GD/SGD); "momentum" → heavy ball
-    0.9; "adam" → ``optax.adam(lr)``; an ``optax.GradientTransformation`` is used
-    as is (``lr`` ignored).
+    """The optax transformation of an optimizer name.
+
+    ``None``/"sgd" → ``optax.sgd(lr)`` (plain GD/SGD: ``u = −η g``); "momentum" →
+    heavy ball ``v ← g + μ v``, ``u = −η v`` with ``μ = MOMENTUM`` (0.9, not
+    Nesterov); "adam" → ``optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)``
+    (bias-corrected, ``u = −η m̂/(√v̂ + eps)``); an ``optax.GradientTransformation``
+    is used as is (``lr`` ignored). ``lr`` is η on the head ``W`` (per step).
 
     Only sign-equivariant optimizers without weight decay keep the full head
-    and the reduced δ form equal (THEORY.md §1); SGD, momentum and Adam are.
+    and the reduced δ form equal (docs/theory.md §1); SGD, momentum and Adam are.
+
+    Raises:
+      ValueError: an unknown optimizer name (naming the choices).
     """
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
     if optimizer is None or optimizer == "sgd":
         return optax.sgd(lr)
     if optimizer == "momentum":
-        return optax.sgd(lr, momentum=0.9)
+        return optax.sgd(lr, momentum=MOMENTUM, nesterov=False)
     if optimizer == "adam":
-        return optax.adam(lr)
+        return optax.adam(lr, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, eps_root=0.0)
     from ._checks import check_choice
 
     check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -51,12 +63,13 @@ def check_schedule(steps, record_every, lr, optimizer) -> tuple[int, int]:
 
 
 def check_batch_size(batch_size, n: int):
-    """Validate a minibatch size against ``n`` pairs; ``None`` (or ``n``) means full batch → ``None``."""
-    if batch_size is None:
+    """Validate a minibatch size against ``n`` pairs; ``None``, ``0`` (as in sweep configs) or ``n``
+    mean full batch → ``None``."""
+    if batch_size is None or (not isinstance(batch_size, bool) and isinstance(batch_size, int) and batch_size == 0):
         return None
     batch_size = check_int("batch_size", batch_size)
     if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n or None for full batch")
+        raise ValueError(f"batch_size={batch_size} exceeds n={n}; pass batch_size <= n, or 0 / None for full batch")
     return None if batch_size == n else batch_size
 
 

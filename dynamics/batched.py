@@ -41,10 +41,16 @@ independent draws; docs/performance.md explains when to use which.
 diagonal covariances cost ``O(K d)`` per configuration-step instead of
 ``O(K d²)``.
 
+This is the ``implementation="factored"`` behind :func:`dynamics.trajectories`
+(``dynamics/engine.py``), which also reaches it from traced code (``dpo-sims sweep``). Label
+noise, per-behaviour loss weights, elliptical (Laplace / Student-t) draws, gradient flow and
+general component sets (mixtures) are supported; the per-pair and per-component maths is
+:mod:`dynamics.reduced`'s, shared with the core.
+
 Configurations are processed in chunks (``chunk_size``), so working memory is
 set by the chunk, not by ``C``; only the inputs (means, roots) and the recorded
 outputs grow with ``C``.
-Source: THEORY.md §1–§3; the construction is derived in docs/performance.md.
+Source: docs/theory.md §1–§3; the construction is derived in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -55,13 +61,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import check_choice, check_finite, check_in_range, check_int, check_positive, is_concrete
+from . import divergence, reduced
+from ._checks import (check_choice, check_finite, check_in_range, check_int, check_positive, is_concrete,
+                      traced_check_hparams)
 from ._train import (check_batch_size, check_schedule, epoch_orders, epoch_orders_fit, make_optimizer, minibatch_index,
                      run_recorded)
 from .distributions import GaussianPreference, _psd_sqrt
 from .gaussian_integrals import normal_cdf
 from .head import Head
-from .losses import expected_loss_terms, loss_fn, loss_grad_fn, validate_loss
+from .losses import expected_loss_terms, loss_fn, loss_grad_fn, uses_label_smoothing, validate_loss
 
 __all__ = [
     "COV_KINDS",
@@ -119,7 +127,7 @@ class PreferenceBatch:
     :meth:`single`; configuration ``c`` as a :class:`GaussianPreference` is
     :meth:`dist` ``(c)``. Memory: ``C·K·d`` floats for isotropic and diagonal
     covariances (a stacked ``GaussianPreference`` holds ``C·K·d²``).
-    Source: THEORY.md §2.
+    Source: docs/theory.md §2.
     """
 
     mu_pos: jax.Array
@@ -356,7 +364,8 @@ class BatchedEmpiricalTrajectory:
       delta: ``(C, T, d)`` δ_t at the recorded steps, or ``None`` when
         ``return_delta=False``.
       delta_final: ``(C, d)`` δ after the last step.
-      diverged: ``(C,)`` bool, NaN/inf in the training loss or δ.
+      diverged: ``(C,)`` bool (:mod:`dynamics.divergence`, as the core).
+      cum_batch_mean_norm: ``(C, T)`` Σ over steps so far of the minibatch mean ‖x‖ (as the core).
     """
 
     step: np.ndarray
@@ -365,6 +374,7 @@ class BatchedEmpiricalTrajectory:
     delta: np.ndarray | None
     delta_final: np.ndarray
     diverged: np.ndarray
+    cum_batch_mean_norm: np.ndarray | None = None
 
 
 @struct.dataclass
@@ -505,30 +515,51 @@ def _apply_root_t(root, g, cov_kind, shared):
     return jnp.einsum("cjde,cje->cd", r, g)
 
 
-def _draws(cfg, key, n, draws, dtype):
+def _draws(cfg, key, n, draws, dtype, mixing=None):
     """Behaviour, label and ε draws exactly as ``GaussianPreference.sample`` makes them.
 
     common: one key for all configurations → ε ``(n, d)``; independent:
-    ``key (C,)`` → ε ``(C, n, d)``. Returns ``(eps, comp (C, n), s (C, n), beh (C, n))``.
+    ``key (C,)`` → ε ``(C, n, d)``. With ``mixing`` ("laplace" / "student_t") the draws are
+    those of :meth:`EllipticalPreference.sample` (Gaussian draws from the key's first half, the
+    mixing variable W from its second) and the per-pair noise scale ``√W`` is returned too.
+    Returns ``(eps, comp (C, n), s (C, n), beh (C, n), scale (C, n) or None)``.
     """
     d = cfg["mu_pos"].shape[-1]
+    c = cfg["mu_pos"].shape[0]
 
     def labels(weight, p, kb, ks):
         behavior = jax.random.categorical(kb, jnp.log(weight), shape=(n,))
         pos = jax.random.uniform(ks, (n,), dtype=p.dtype) < p[behavior]
         return behavior.astype(jnp.int32), pos
 
+    def mix(kw, nu):
+        from types import SimpleNamespace
+
+        from .families import EllipticalPreference
+
+        stub = SimpleNamespace(base=SimpleNamespace(mu_pos=jnp.zeros((), dtype)), family=mixing, nu=nu)
+        return jnp.sqrt(EllipticalPreference.mixing(stub, kw, n))  # the family's own draw of W
+
+    nu = cfg.get("nu", jnp.full((c,), jnp.inf, dtype))
+    scale = None
     if draws == "common":
+        if mixing is not None:
+            key, kw = jax.random.split(key)
+            scale = jax.vmap(mix, in_axes=(None, 0))(kw, nu)
         kb, ks, kx = jax.random.split(key, 3)
         beh, pos = jax.vmap(labels, in_axes=(0, 0, None, None))(cfg["weight"], cfg["p_pos"], kb, ks)
         eps = jax.random.normal(kx, (n, d), dtype=dtype)
     else:
+        if mixing is not None:
+            kk = jax.vmap(jax.random.split)(key)
+            key = kk[:, 0]
+            scale = jax.vmap(mix)(kk[:, 1], nu)
         kk = jax.vmap(lambda k: jax.random.split(k, 3))(key)
         beh, pos = jax.vmap(labels)(cfg["weight"], cfg["p_pos"], kk[:, 0], kk[:, 1])
         eps = jax.vmap(lambda k: jax.random.normal(k, (n, d), dtype=dtype))(kk[:, 2])
     comp = 2 * beh + jnp.where(pos, 0, 1).astype(jnp.int32)
     s = jnp.where(pos, 1.0, -1.0).astype(dtype)
-    return eps, comp, s, beh
+    return eps, comp, s, beh, scale
 
 
 def _proj(eps, vec):
@@ -576,7 +607,7 @@ def sample_batch(batch: PreferenceBatch, key, n: int, *, draws: str = "common"):
     cfg = {name: jnp.asarray(getattr(batch, name)) for name in ("mu_pos", "mu_neg", "root_pos", "root_neg",
                                                                 "p_pos", "weight")}
     dtype = cfg["mu_pos"].dtype
-    eps, comp, s, beh = _draws(cfg, key, n, draws, dtype)
+    eps, comp, s, beh, _ = _draws(cfg, key, n, draws, dtype)
     mu_x, _, root, _ = _components(cfg, batch.cov_kind)
     means = jnp.take_along_axis(mu_x, comp[:, :, None], axis=1)  # (C, n, d)
     e = jnp.broadcast_to(eps, (c, n, d))
@@ -614,24 +645,31 @@ def auto_chunk_size(num_configs: int, *, n: int, n_eval: int, d: int, num_behavi
 
 # --------------------------------------------------------------------------- empirical kernel
 def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size, loss, optimizer, draws,
-                      cov_kind, shared_root, head_kind, nonzero_scale, a, b, return_delta):
+                      cov_kind, shared_root, head_kind, nonzero_scale, a, b, return_delta, label_noise=False,
+                      loss_weight=False, mixing=None):
     """All configurations of one chunk (leading axis of every ``cfg`` leaf and of every output).
 
     ``cfg``: mu_pos, mu_neg, root_pos, root_neg, p_pos, weight, beta, lr, eps,
-    d0 (C, d), w0, w_ref (C, V, d), and ``key`` (C,) key data for independent
-    draws; ``shared``: ``key`` (key data) for common draws. ``head_kind``:
-    "zero" (W_0 = W_ref = 0), "ref" (W_0 = W_ref) or "general". ``nonzero_scale``: every
-    isotropic σ is > 0 (always true for other kinds, whose per-pair scale is the label ±1).
+    d0 (C, d), w0, w_ref (C, V, d), ``key`` (C,) key data for independent
+    draws, and when the flags are set ``label_noise`` (C, K) flip rates, ``loss_weight``
+    (C, K) and ``nu`` (C,) (student_t mixing); ``shared``: ``key`` (key data) for common draws.
+    ``head_kind``: "zero" (W_0 = W_ref = 0), "ref" (W_0 = W_ref) or "general". ``nonzero_scale``:
+    every isotropic σ is > 0 (always true for other kinds, whose per-pair scale is the label ±1).
+    ``mixing``: None (Gaussian) or an elliptical family ("laplace", "student_t"), whose draw
+    ``x = μ + √W R ε`` is factored like the Gaussian one with a per-pair scale ``√W``.
 
-    Per split the training loop's inputs are ε and the component index of every
-    pair (int8); the label and σ of a pair are looked up from its component.
+    Only the projections ``x·v`` are computed here (one GEMM over the shared ε); the margins'
+    metrics, the per-pair gradient weight, the optimizer step and the weight change are
+    :mod:`dynamics.reduced`'s, as in the core.
     """
+    from .empirical import flip_labels
+
     dtype = cfg["mu_pos"].dtype
     c, k, d = cfg["mu_pos"].shape
     j2 = 2 * k
     shared_flag = shared_root and cov_kind != "isotropic"
     mu_x, m_z, root, _ = _components(cfg, cov_kind)
-    beta, lr, eps_ = cfg["beta"], cfg["lr"], cfg["eps"]
+    beta, lr, eps_ = traced_check_hparams(cfg["beta"], cfg["lr"], cfg["eps"], loss=loss, optimizer=optimizer)
     d0, w0, w_ref = cfg["d0"], cfg["w0"], cfg["w_ref"]
     vocab = w0.shape[1]
     sgn = jnp.tile(jnp.array([1.0, -1.0], dtype), k)  # label s of each component
@@ -639,9 +677,11 @@ def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size
     sgn_scale = sgn * root if cov_kind == "isotropic" else jnp.broadcast_to(sgn, (c, j2))
     scale_tab = root if cov_kind == "isotropic" else jnp.ones((c, j2), dtype)
     if draws == "common":
-        keys = jax.random.split(jax.random.wrap_key_data(shared["key"]), 3)
+        top = jax.random.wrap_key_data(shared["key"])
+        keys = jax.random.split(top, 3)
     else:
-        keys = jax.vmap(lambda kk: jax.random.split(kk, 3), out_axes=1)(jax.random.wrap_key_data(cfg["key"]))
+        top = jax.random.wrap_key_data(cfg["key"])
+        keys = jax.vmap(lambda kk: jax.random.split(kk, 3), out_axes=1)(top)
     key_train, key_eval, key_batch = keys[0], keys[1], keys[2]
 
     def xproj(sp, vecs):
@@ -652,21 +692,58 @@ def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size
         noise = _apply_root(root, vecs, cov_kind, shared_flag)  # (C, Q, J, d)
         nj = noise.shape[2]
         amp = _proj(sp["eps"], noise.reshape(c, q * nj, d)).reshape(c, q, nj, -1)  # (C, Q, J, N)
-        return means + _select(scale_tab, comp)[:, None, :] * _pick_q(amp, comp)
+        scale = _select(scale_tab, comp)
+        if "scale" in sp:
+            scale = scale * sp["scale"]
+        return means + scale[:, None, :] * _pick_q(amp, comp)
 
-    def data(kk, m):
-        e, comp, _, _ = _draws(cfg, kk, m, draws, dtype)
+    def norms(sp):
+        """``‖x_i‖ (C, N)`` from ``‖μ_j‖² + 2t μ_jᵀR_jε + t²‖R_jε‖²`` (t: the pair's σ·√W)."""
+        e, comp = sp["eps"], sp["comp"]
+        t = _select(scale_tab, comp) * (sp["scale"] if "scale" in sp else 1.0)
+        mm = _select(jnp.sum(mu_x**2, axis=-1), comp)
+        if cov_kind == "isotropic":
+            rmu = mu_x
+        elif cov_kind == "diagonal":
+            rmu = root * mu_x
+        else:
+            rmu = jnp.einsum("cjde,cje->cjd", root, mu_x)
+        cross = _pick(_proj(e, rmu), comp)
+        if cov_kind == "isotropic":
+            quad = jnp.broadcast_to(jnp.sum(e**2, axis=-1), comp.shape)
+        elif cov_kind == "diagonal":
+            quad = _pick(_proj(e**2, root**2), comp)
+        elif e.ndim == 2:
+            quad = _pick(jnp.einsum("cjde,nd,ne->cjn", root @ root, e, e), comp)
+        else:
+            quad = _pick(jnp.einsum("cjde,cnd,cne->cjn", root @ root, e, e), comp)
+        return jnp.sqrt(jnp.maximum(mm + 2.0 * t * cross + t**2 * quad, 0.0))
+
+    def data(kk, m, train):
+        e, comp, s, beh, scale = _draws(cfg, kk, m, draws, dtype, mixing)
         sp = {"eps": e, "comp": comp.astype(jnp.int8) if j2 <= 127 else comp}
-        # projections that stay fixed during training: the logits of W_0 and W_ref
+        if scale is not None:
+            sp["scale"] = scale
+        if train:
+            sp["norm"] = norms(sp)
+            if label_noise:  # the core's draw: flip_labels(fold_in(key, 1), s, behavior, rate)
+                fk = jax.random.fold_in(top, 1)
+                s_fit = jax.vmap(flip_labels, in_axes=(None if draws == "common" else 0, 0, 0, 0))(
+                    fk, s, beh, cfg["label_noise"])
+                sp["flip"] = (s_fit * s).astype(dtype)
+            if loss_weight:
+                sp["lam"] = jnp.take_along_axis(cfg["loss_weight"].astype(dtype), beh, axis=1)
+        # projections that stay fixed during training: the logits of W_0 and W_ref, (C, N, V)
         if head_kind == "general":
-            fixed = xproj(sp, jnp.concatenate([w0, w_ref], axis=1))
-            sp["z0"], sp["zref"] = fixed[:, :vocab], fixed[:, vocab:]
+            fixed = jnp.swapaxes(xproj(sp, jnp.concatenate([w0, w_ref], axis=1)), 1, 2)
+            sp["z0"], sp["zref"] = fixed[..., :vocab], fixed[..., vocab:]
         elif head_kind == "ref":
-            sp["z0"] = sp["zref"] = xproj(sp, w_ref)
+            sp["z0"] = sp["zref"] = jnp.swapaxes(xproj(sp, w_ref), 1, 2)
         return sp
 
-    splits = {"train": data(key_train, n), "eval": data(key_eval, n_eval)}
+    splits = {"train": data(key_train, n, True), "eval": data(key_eval, n_eval, False)}
     tr = splits["train"]
+    per_pair = [name for name in ("comp", "scale", "norm", "flip", "lam") if name in tr]
 
     if batch_size is not None and draws == "common":
         table = epoch_orders(key_batch, n, batch_size, steps, d)
@@ -675,190 +752,210 @@ def _empirical_kernel(cfg, shared, *, n, n_eval, steps, record_every, batch_size
         table = jax.vmap(lambda kk: epoch_orders(kk, n, batch_size, steps, d))(key_batch) if fits else None
 
     def take(t):
+        """The step-t minibatch: ε and the per-pair arrays (same indices as the core's)."""
         if batch_size is None:
-            return tr["eps"], tr["comp"]
+            return {"eps": tr["eps"], **{name: tr[name] for name in per_pair}}
         if draws == "common":
             idx = minibatch_index(t, key_batch, table, n, batch_size)
-            return tr["eps"][idx], tr["comp"][:, idx]
-        idx = jax.vmap(lambda kk, tab: minibatch_index(t, kk, tab, n, batch_size))(key_batch, table)
-        return jnp.take_along_axis(tr["eps"], idx[:, :, None], axis=1), jnp.take_along_axis(tr["comp"], idx, axis=1)
+            return {"eps": tr["eps"][idx], **{name: tr[name][:, idx] for name in per_pair}}
+        idx = jax.vmap(lambda kk, tab: minibatch_index(t, kk, tab, n, batch_size),
+                       in_axes=(0, None if table is None else 0))(key_batch, table)
+        return {"eps": jnp.take_along_axis(tr["eps"], idx[:, :, None], axis=1),
+                **{name: jnp.take_along_axis(tr[name], idx, axis=1) for name in per_pair}}
 
-    def opt_update(g, state, param, lr_c):
-        return make_optimizer(optimizer, lr_c).update(g, state, param)
+    def update(g, state, delta, lr_c, d0_c):
+        return reduced.reduced_update(make_optimizer(optimizer, lr_c), g, state, delta, d0_c)
 
     def step_fn(carry):
-        t, delta, state = carry
-        e, comp = take(t)
+        t, delta, state, cum = carry
+        bt = take(t)
+        e, comp = bt["eps"], bt["comp"]
         bsz = comp.shape[1]
         noise = _apply_root(root, delta[:, None, :], cov_kind, shared_flag)[:, 0]  # (C, J, d)
         amp = _pick(_proj(e, noise), comp)  # (C, B): (R_j δ)·ε of each pair's component
         sa = _select(sgn_scale, comp)  # s·σ of each pair
+        if "scale" in bt:
+            sa = sa * bt["scale"]
         h = _select(jnp.sum(m_z * delta[:, None, :], axis=-1), comp) + sa * amp  # (no tiny batched dots)
-        if loss == "sigmoid":  # ℓ'(h) = −β σ(−βh), without the zero linear term of the general form
-            w = -beta[:, None] * jax.nn.sigmoid(-beta[:, None] * h)
-        else:
-            w = loss_grad_fn(loss, h, beta[:, None], eps_[:, None])
+        if label_noise:  # trained on s̃ = f·s: margin f·h, gradient weight f·ℓ'(f·h)
+            h = bt["flip"] * h
+        w = reduced.pair_grad_weight(loss, h, beta[:, None], eps_[:, None])
+        if label_noise:
+            w = w * bt["flip"]
+        if loss_weight:
+            w = w * bt["lam"]
         r = w * sa
         nj = noise.shape[1]
         back = r[:, None, :] if nj == 1 else jax.nn.one_hot(comp, nj, dtype=r.dtype).transpose(0, 2, 1) * r[:, None, :]
         g_noise = _apply_root_t(root, _proj_t(e, back), cov_kind, shared_flag)
-        # Σ_{pairs of component j} ℓ'; s·σ is constant within a component, so when no σ is 0 these sums
-        # come from r = ℓ'·s·σ, which the GEMM reads anyway (one fewer pass over C×B numbers)
-        sums = _segment_sums(r, comp, j2) / sgn_scale if nonzero_scale else _segment_sums(w, comp, j2)
+        # Σ_{pairs of component j} ℓ'; s·σ is constant within a component, so when no σ is 0 (and no
+        # per-pair mixing scale) these sums come from r = ℓ'·s·σ, which the GEMM reads anyway
+        sums = (_segment_sums(r, comp, j2) / sgn_scale if nonzero_scale and "scale" not in bt
+                else _segment_sums(w, comp, j2))
         g = (jnp.sum(sums[:, :, None] * m_z, axis=1) + g_noise) / bsz
-        updates, state = jax.vmap(opt_update)(g, state, (delta - d0) / 2.0, lr)
-        return t + 1, delta + 2.0 * updates, state
+        delta, state = jax.vmap(update)(g, state, delta, lr, d0)
+        return t + 1, delta, state, cum + jnp.mean(bt["norm"], axis=1)
 
     def metrics(sp, delta):
         comp = sp["comp"]
         x_delta = xproj(sp, delta[:, None])[:, 0]  # (C, N)
         s = _select(jnp.broadcast_to(sgn, (c, j2)), comp)
         beh = comp.astype(jnp.int32) // 2
-        pos = s > 0
         h = s * x_delta
         if head_kind == "zero":  # W_0 = W_ref = 0: logits (Δ·x, −Δ·x, 0, …), reference log-probs −log V
             policy = h
-            lse = jnp.logaddexp(x_delta / 2.0, -x_delta / 2.0)
-            if vocab > 2:
-                lse = jnp.logaddexp(lse, jnp.log(vocab - 2.0).astype(dtype))
-            lp_a, lp_b = x_delta / 2.0 - lse, -x_delta / 2.0 - lse
-            rc = rr = -jnp.log(jnp.asarray(vocab, dtype))
+            lp_a, lp_b, ref = reduced.zero_head_logps(x_delta, vocab)
+            rc = rr = jnp.broadcast_to(ref, x_delta.shape)
         else:
-            z0, zref = sp["z0"], sp["zref"]  # (C, V, N)
-            x_uref = zref[:, a] - zref[:, b]
-            x_d0 = jnp.zeros_like(x_delta) if head_kind == "ref" else z0[:, a] - z0[:, b] - x_uref
+            z0, zref = sp["z0"], sp["zref"]  # (C, N, V)
+            x_uref = zref[..., a] - zref[..., b]
+            x_d0 = jnp.zeros_like(x_delta) if head_kind == "ref" else z0[..., a] - z0[..., b] - x_uref
             policy = s * (x_delta + x_uref)
             half = (x_delta - x_d0) / 2.0  # x·Δ with δ − δ_0 = 2Δ
-            lp = jax.nn.log_softmax(z0.at[:, a].add(half).at[:, b].add(-half), axis=1)  # (C, V, N)
-            lpr = jax.nn.log_softmax(zref, axis=1)
-            lp_a, lp_b = lp[:, a], lp[:, b]
-            rc, rr = jnp.where(pos, lpr[:, a], lpr[:, b]), jnp.where(pos, lpr[:, b], lpr[:, a])
-        lc, lrj = jnp.where(pos, lp_a, lp_b), jnp.where(pos, lp_b, lp_a)
-        ell = loss_fn(loss, h, beta[:, None], eps_[:, None])
-        racc = (h > 0).astype(dtype)
-        pacc = (policy > 0).astype(dtype)
-        return {
-            "loss": jnp.mean(ell, axis=1),
-            "reward_accuracy": jnp.mean(racc, axis=1),
-            "policy_accuracy": jnp.mean(pacc, axis=1),
-            "rewards_chosen": beta * jnp.mean(lc - rc, axis=1),
-            "rewards_rejected": beta * jnp.mean(lrj - rr, axis=1),
-            "rewards_margin": beta * jnp.mean(h, axis=1),
-            "logps_chosen": jnp.mean(lc, axis=1),
-            "logps_rejected": jnp.mean(lrj, axis=1),
-            "weight_change": jnp.linalg.norm(delta - d0, axis=1) / jnp.sqrt(2.0),
-            "behavior_loss": _segment_mean(ell, beh, k),
-            "behavior_reward_accuracy": _segment_mean(racc, beh, k),
-            "behavior_policy_accuracy": _segment_mean(pacc, beh, k),
-        }
+            lp_a, lp_b = jax.vmap(lambda z, hf: reduced.head_logps(z, hf, a, b))(z0, half)
+            lpr = jax.nn.log_softmax(zref, axis=-1)
+            rc, rr = reduced.choose(s, lpr[..., a], lpr[..., b])
+        lc, lrj = reduced.choose(s, lp_a, lp_b)
+        out = jax.vmap(partial(reduced.split_metrics, k=k, loss=loss))(h, lc, lrj, rc, rr, policy, beh,
+                                                                        beta=beta, eps=eps_)
+        out["weight_change"] = jax.vmap(reduced.weight_change)(delta, d0)
+        return out
 
     def record(carry):
-        _, delta, _ = carry
+        _, delta, _, cum = carry
         out = {name: metrics(sp, delta) for name, sp in splits.items()}
-        return (out, delta) if return_delta else (out, None)
+        return (out, cum, delta) if return_delta else (out, cum, None)
 
     state0 = jax.vmap(lambda z, lr_c: make_optimizer(optimizer, lr_c).init(z))(jnp.zeros_like(d0), lr)
-    carry0 = (jnp.int32(0), d0, state0)
-    final, (recs, deltas) = run_recorded(step_fn, record, carry0, steps, record_every)
+    carry0 = (jnp.int32(0), d0, state0, jnp.zeros((c,), dtype))
+    final, (recs, cum, deltas) = run_recorded(step_fn, record, carry0, steps, record_every)
     to_c = lambda v: jnp.moveaxis(v, 0, 1)  # (T, C, ...) → (C, T, ...)
     train = {m: to_c(v) for m, v in recs["train"].items()}
-    ok = jnp.all(jnp.isfinite(train["loss"]), axis=1) & jnp.all(jnp.isfinite(final[1]), axis=1)
-    out = {"train": train, "eval": {m: to_c(v) for m, v in recs["eval"].items()}, "delta_final": final[1]}
+    bad = divergence.loss_diverged(train["loss"], axis=1) | ~jnp.all(jnp.isfinite(final[1]), axis=1)
+    out = {"train": train, "eval": {m: to_c(v) for m, v in recs["eval"].items()}, "delta_final": final[1],
+           "cum_batch_mean_norm": to_c(cum)}
     if return_delta:
         out["delta"] = to_c(deltas)
-        ok = ok & jnp.all(jnp.isfinite(out["delta"]), axis=(1, 2))
-    out["diverged"] = ~ok
+        bad = bad | ~jnp.all(jnp.isfinite(out["delta"]), axis=(1, 2))
+    out["diverged"] = bad
     return out
 
 
 # --------------------------------------------------------------------------- population kernel
-def _population_kernel(cfg, shared, *, steps, record_every, loss, optimizer, cov_kind, return_delta):
-    """Population GD for all configurations of a chunk (see :func:`batched_population_trajectory`)."""
-    del shared
-    dtype = cfg["mu_pos"].dtype
-    c, k, d = cfg["mu_pos"].shape
-    _, m_z, root, pi = _components(cfg, cov_kind)
-    beta, lr, eps_ = cfg["beta"], cfg["lr"], cfg["eps"]
-    d0, u_ref = cfg["d0"], cfg["u_ref"]
-    weight = cfg["weight"]
+POP_COV_KINDS = COV_KINDS + ("cov",)
 
+
+def _population_one(m_z, root, pi, beh, beta, lr, eps, d0, u_ref, noise, lam, *, k, steps, record_every, loss,
+                    optimizer, cov_kind, method, substeps):
+    """Population trajectory of ONE configuration from its components (vmapped over a chunk).
+
+    Components ``j``: z-means ``m_z (J, d)``, weights ``pi (J,)``, behaviours ``beh (J,)`` and the
+    covariance as ``root`` by ``cov_kind``: "isotropic" σ ``(J,)``, "diagonal" r ``(J, d)``, "full"
+    symmetric root ``R (J, d, d)`` or "cov" the covariance ``S (J, d, d)`` itself. Label noise ``ρ_k``
+    mixes each component with its mirror ``−m`` (weight ρ); loss weights ``λ_k`` scale the training
+    weights (docs/theory.md §5). The margin variance ``δᵀSδ`` costs O(d) for the first two kinds.
+    """
     def moments(delta):
-        mu = jnp.einsum("cjd,cd->cj", m_z, delta)
+        mu = m_z @ delta
         if cov_kind == "isotropic":
-            var = root**2 * jnp.sum(delta**2, axis=1)[:, None]
-            rd = None
+            var, s_delta = root**2 * jnp.sum(delta**2), (root**2)[:, None] * delta[None, :]
         elif cov_kind == "diagonal":
-            rd = root * delta[:, None, :]
-            var = jnp.sum(rd**2, axis=-1)
+            rd = root * delta[None, :]
+            var, s_delta = jnp.sum(rd**2, axis=-1), root * rd
+        elif cov_kind == "full":
+            rd = root @ delta
+            var, s_delta = jnp.sum(rd**2, axis=-1), jnp.einsum("jde,je->jd", root, rd)
         else:
-            rd = jnp.einsum("cjde,ce->cjd", root, delta)
-            var = jnp.sum(rd**2, axis=-1)
-        return mu, jnp.sqrt(jnp.maximum(var, 0.0)), rd
+            s_delta = root @ delta
+            var = jnp.sum(s_delta * delta[None, :], axis=-1)
+        return mu, reduced.safe_sqrt(var), s_delta
 
-    def cov_times(delta, rd):
-        if cov_kind == "isotropic":
-            return (root**2)[:, :, None] * delta[:, None, :]
-        if cov_kind == "diagonal":
-            return root * rd
-        return jnp.einsum("cjde,cje->cjd", root, rd)
-
-    def terms(delta):
-        mu, sig, rd = moments(delta)
-        return mu, sig, rd, expected_loss_terms(loss, mu, sig, beta[:, None], eps_[:, None])
+    pi_t = pi if lam is None else pi * lam[beh]
+    rho = None if noise is None else noise[beh]
 
     def grad(delta):
-        _, _, rd, (_, el1, el2) = terms(delta)
-        return (jnp.einsum("cj,cjd->cd", pi * el1, m_z)
-                + jnp.einsum("cj,cjd->cd", pi * el2, cov_times(delta, rd)))
+        mu, sig, s_delta = moments(delta)
+        _, e1, e2 = expected_loss_terms(loss, mu, sig, beta, eps)
+        w_clean = pi_t if rho is None else pi_t * (1 - rho)
+        g = (w_clean * e1) @ m_z + (w_clean * e2) @ s_delta
+        if rho is not None:  # the mirrored components (flipped labels): mean −m, same covariance
+            _, f1, f2 = expected_loss_terms(loss, -mu, sig, beta, eps)
+            g = g - (pi_t * rho * f1) @ m_z + (pi_t * rho * f2) @ s_delta
+        return g
 
-    def prob_pos(mu, sig):
-        safe = jnp.where(sig > 0, sig, 1.0)
-        return jnp.where(sig > 0, normal_cdf(mu / safe), (mu > 0).astype(dtype))
+    if method == "flow":
+        dt = lr / substeps
 
-    def per_behavior(v):
-        return jnp.sum((pi * v).reshape(c, k, 2), axis=-1) / weight
+        def step_fn(carry):
+            t, delta, state = carry
+            f = lambda dl: -2.0 * grad(dl)
 
-    def opt_update(g, state, param, lr_c):
-        return make_optimizer(optimizer, lr_c).update(g, state, param)
+            def rk4(_, dl):
+                k1 = f(dl)
+                k2 = f(dl + 0.5 * dt * k1)
+                k3 = f(dl + 0.5 * dt * k2)
+                k4 = f(dl + dt * k3)
+                return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
 
-    def step_fn(carry):
-        t, delta, state = carry
-        updates, state = jax.vmap(opt_update)(grad(delta), state, (delta - d0) / 2.0, lr)
-        return t + 1, delta + 2.0 * updates, state
+            return t + 1, jax.lax.fori_loop(0, substeps, rk4, delta), state
+
+        state0 = ()
+    else:
+        opt = make_optimizer(optimizer, lr)
+
+        def step_fn(carry):
+            t, delta, state = carry
+            delta, state = reduced.reduced_update(opt, grad(delta), state, delta, d0)
+            return t + 1, delta, state
+
+        state0 = opt.init(jnp.zeros_like(d0))
 
     def record(carry):
         _, delta, _ = carry
-        mu, sig, rd, (el, el1, el2) = terms(delta)
-        g = (jnp.einsum("cj,cjd->cd", pi * el1, m_z)
-             + jnp.einsum("cj,cjd->cd", pi * el2, cov_times(delta, rd)))
-        racc = prob_pos(mu, sig)
+        mu, sig, _ = moments(delta)
+        el, _, _ = expected_loss_terms(loss, mu, sig, beta, eps)
+        racc = reduced.prob_positive(mu, sig)
         pmu, psig, _ = moments(delta + u_ref)
-        pacc = prob_pos(pmu, psig)
+        pacc = reduced.prob_positive(pmu, psig)
+        per = lambda v: reduced.per_behavior(pi, v, beh, k)
         out = {
-            "loss": jnp.sum(pi * el, axis=1),
-            "reward_accuracy": jnp.sum(pi * racc, axis=1),
-            "policy_accuracy": jnp.sum(pi * pacc, axis=1),
-            "rewards_margin": beta * jnp.sum(pi * mu, axis=1),
-            "weight_change": jnp.linalg.norm(delta - d0, axis=1) / jnp.sqrt(2.0),
-            "grad_norm": jnp.linalg.norm(g, axis=1),
-            "behavior_loss": per_behavior(el),
-            "behavior_reward_accuracy": per_behavior(racc),
-            "behavior_policy_accuracy": per_behavior(pacc),
+            "loss": jnp.sum(pi * el),
+            "reward_accuracy": jnp.sum(pi * racc),
+            "policy_accuracy": jnp.sum(pi * pacc),
+            "rewards_margin": beta * jnp.sum(pi * mu),
+            "weight_change": reduced.weight_change(delta, d0),
+            "grad_norm": reduced.safe_sqrt(jnp.sum(grad(delta) ** 2)),
+            "behavior_loss": per(el),
+            "behavior_reward_accuracy": per(racc),
+            "behavior_policy_accuracy": per(pacc),
         }
-        return (out, delta) if return_delta else (out, None)
+        return out, delta
 
-    state0 = jax.vmap(lambda z, lr_c: make_optimizer(optimizer, lr_c).init(z))(jnp.zeros_like(d0), lr)
-    final, (recs, deltas) = run_recorded(step_fn, record, (jnp.int32(0), d0, state0), steps, record_every)
-    to_c = lambda v: jnp.moveaxis(v, 0, 1)
-    metrics = {m: to_c(v) for m, v in recs.items()}
-    out = {
-        "metrics": metrics,
-        "delta_final": final[1],
-        "diverged": ~(jnp.all(jnp.isfinite(metrics["loss"]), axis=1) & jnp.all(jnp.isfinite(final[1]), axis=1)
-                      & (jnp.all(jnp.isfinite(to_c(deltas)), axis=(1, 2)) if return_delta else True)),
-    }
+    final, (metrics, deltas) = run_recorded(step_fn, record, (jnp.int32(0), d0, state0), steps, record_every)
+    return metrics, deltas, final[1]
+
+
+def _population_kernel(cfg, shared, *, k, steps, record_every, loss, optimizer, cov_kind, return_delta,
+                       method="gd", substeps=4, label_noise=False, loss_weight=False):
+    """Population trajectories of all configurations of a chunk (see :func:`batched_population_trajectory`).
+
+    ``cfg``: ``m_z (C, J, d)``, ``root`` (by ``cov_kind``), ``pi (C, J)``, ``beh (C, J)`` int, beta,
+    lr, eps ``(C,)``, d0, u_ref ``(C, d)`` and, with the flags, ``label_noise``, ``loss_weight`` ``(C, K)``.
+    """
+    del shared
+    beta, lr, eps = traced_check_hparams(cfg["beta"], cfg["lr"], cfg["eps"], loss=loss, optimizer=optimizer)
+    one = partial(_population_one, k=k, steps=steps, record_every=record_every, loss=loss, optimizer=optimizer,
+                  cov_kind=cov_kind, method=method, substeps=substeps)
+    noise = cfg["label_noise"] if label_noise else None
+    lam = cfg["loss_weight"] if loss_weight else None
+    metrics, deltas, final = jax.vmap(one, in_axes=(0,) * 9 + (None if noise is None else 0,
+                                                               None if lam is None else 0))(
+        cfg["m_z"], cfg["root"], cfg["pi"], cfg["beh"], beta, lr, eps, cfg["d0"], cfg["u_ref"], noise, lam)
+    bad = (divergence.loss_diverged(metrics["loss"], axis=1) | ~jnp.all(jnp.isfinite(deltas), axis=(1, 2))
+           | ~jnp.all(jnp.isfinite(final), axis=1))
+    out = {"metrics": metrics, "delta_final": final, "diverged": bad}
     if return_delta:
-        out["delta"] = to_c(deltas)
+        out["delta"] = deltas
     return out
 
 
@@ -894,7 +991,7 @@ def _per_config(name, value, c, dtype, *, positive=True):
 
 def _check_eps(loss, eps):
     """ε is the label smoothing of cdpo/robust, in [0, 1/2); any other loss takes ε = 0 (as the core)."""
-    if loss in ("cdpo", "robust"):
+    if uses_label_smoothing(loss):
         check_in_range("eps", eps, 0.0, 0.5, hi_open=True)
     elif np.any(eps != 0):
         raise ValueError(f"eps={float(np.max(np.abs(eps)))} has no effect with loss={loss!r}; it is the label "
@@ -973,11 +1070,35 @@ def _common_inputs(batch, beta, lr, eps, steps, record_every, loss, optimizer):
     return batch, steps, record_every, dtype, cfg
 
 
+def _interventions(cfg, c, k, dtype, label_noise, loss_weight):
+    """``label_noise`` / ``loss_weight``: None, ``(K,)`` or ``(C, K)`` → ``(C, K)`` entries of ``cfg``;
+    returns the two flags. Raises ValueError naming the field (shape, range)."""
+    flags = []
+    for name, value in (("label_noise", label_noise), ("loss_weight", loss_weight)):
+        if value is None:
+            flags.append(False)
+            continue
+        arr = np.asarray(value, dtype)
+        if arr.shape == (k,):
+            arr = np.broadcast_to(arr, (c, k))
+        if arr.shape != (c, k):
+            raise ValueError(f"{name} has shape {arr.shape}; expected one value per behaviour, (K,) = ({k},), "
+                             f"or per configuration and behaviour, (C, K) = ({c}, {k})")
+        if name == "label_noise":
+            check_in_range(name, arr, 0.0, 0.5)
+        else:
+            check_positive(name, arr, allow_zero=True)
+        cfg[name] = arr
+        flags.append(True)
+    return tuple(flags)
+
+
 def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, lr=None, steps: int,
                                  loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
                                  n_eval: int = 2048, record_every: int = 1, head: Head | None = None,
                                  draws: str = "common", chunk_size: int | None = None,
-                                 return_delta: bool = True, executor=None) -> BatchedEmpiricalTrajectory:
+                                 return_delta: bool = True, executor=None, label_noise=None, loss_weight=None,
+                                 mixing: str | None = None, nu=None) -> BatchedEmpiricalTrajectory:
     """Train C last-layer heads on C preference distributions at once (empirical layer).
 
     Args:
@@ -1003,6 +1124,12 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
         turning the chunk function into a runner, e.g.
         ``sims.distributed.sharded_executor(mesh)`` to split the configuration
         axis over devices; its ``chunk_multiple`` attribute rounds the chunk.
+      label_noise: ``None``, ``(K,)`` or ``(C, K)`` flip rates of the training labels in [0, 1/2]
+        (drawn as the core draws them, ``flip_labels(fold_in(key, 1), …)``).
+      loss_weight: ``None``, ``(K,)`` or ``(C, K)`` per-behaviour loss weights λ_k ≥ 0.
+      mixing: ``None`` (Gaussian) or "laplace" / "student_t": the pairs of
+        ``EllipticalPreference.create(batch.dist(c), mixing, nu[c])`` (``x = μ + √W R ε``).
+      nu: student_t degrees of freedom, scalar or ``(C,)``, > 2.
 
     Returns:
       :class:`BatchedEmpiricalTrajectory` (NumPy), ``T = steps // record_every + 1``.
@@ -1013,7 +1140,7 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
       ValueError: bad argument (named, with the fix), e.g. ``(C,)`` keys with
         ``draws="common"``.
 
-    Source: THEORY.md §1–§3; the construction is in docs/performance.md.
+    Source: docs/theory.md §1–§3; the construction is in docs/performance.md.
     """
     check_choice("draws", draws, DRAWS)
     n = check_int("n", n)
@@ -1027,6 +1154,14 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
     empty = np.zeros((c, vocab, 0), dtype)  # only the vocabulary size is needed
     cfg.update(d0=heads["d0"], w0=heads["w0"] if head_kind == "general" else empty,
                w_ref=heads["w_ref"] if head_kind != "zero" else empty)
+    flags = _interventions(cfg, c, k, dtype, label_noise, loss_weight)
+    if mixing is not None:
+        from .families import ELLIPTICAL_FAMILIES
+
+        check_choice("mixing", mixing, ELLIPTICAL_FAMILIES)
+        if mixing == "student_t":
+            cfg["nu"] = _per_config("nu", np.inf if nu is None else nu, c, dtype)
+            check_positive("nu - 2", cfg["nu"] - 2.0)
     key = _typed_key(key)
     shared = {}
     if draws == "common":
@@ -1052,22 +1187,35 @@ def batched_empirical_trajectory(batch: PreferenceBatch, key, *, n: int, beta, l
                ("nonzero_scale", batch.cov_kind != "isotropic" or bool(np.all(cfg["root_pos"] > 0)
                                                                        and np.all(cfg["root_neg"] > 0))),
                ("a", a), ("b", b),
-               ("return_delta", bool(return_delta)))
+               ("return_delta", bool(return_delta)), ("label_noise", flags[0]), ("loss_weight", flags[1]),
+               ("mixing", mixing))
     fn = _compiled(_empirical_kernel, statics, executor)
     out = _run_chunks(fn, cfg, shared, c, min(chunk_size, c), getattr(executor, "chunk_multiple", 1))
     return BatchedEmpiricalTrajectory(step=np.arange(0, steps + 1, record_every), train=out["train"],
                                       eval=out["eval"], delta=out.get("delta"), delta_final=out["delta_final"],
-                                      diverged=out["diverged"])
+                                      diverged=out["diverged"], cum_batch_mean_norm=out["cum_batch_mean_norm"])
+
+
+def population_components(batch: PreferenceBatch, dtype=None) -> dict:
+    """The factored population kernel's inputs of a batch: ``m_z (C, 2K, d)``, ``root``, ``pi (C, 2K)``,
+    ``beh (C, 2K)`` (components interleaved as :meth:`GaussianPreference.components`)."""
+    cfg = _batch_cfg(batch, dtype or np.dtype(jnp.result_type(float)))
+    _, m_z, root, pi = _components(cfg, batch.cov_kind)
+    c, k = batch.num_configs, batch.num_behaviors
+    beh = np.broadcast_to(np.repeat(np.arange(k, dtype=np.int32), 2), (c, 2 * k))
+    return {"m_z": np.asarray(m_z), "root": np.asarray(root), "pi": np.asarray(pi), "beh": beh}
 
 
 def batched_population_trajectory(batch: PreferenceBatch, *, beta, lr=None, steps: int, loss: str = "sigmoid",
                                   eps=0.0, optimizer=None, record_every: int = 1, head: Head | None = None,
                                   chunk_size: int | None = None, return_delta: bool = True,
-                                  executor=None) -> BatchedPopulationTrajectory:
-    """Population (N → ∞) GD trajectories of C configurations at once.
+                                  executor=None, method: str = "gd", substeps: int = 4, label_noise=None,
+                                  loss_weight=None, components: dict | None = None,
+                                  cov_kind: str | None = None) -> BatchedPopulationTrajectory:
+    """Population (N → ∞) trajectories of C configurations at once.
 
     Configuration c's result equals ``population_trajectory(batch.dist(c), beta=beta[c],
-    lr=lr[c], ..., method="gd")``. Isotropic and diagonal covariances cost
+    lr=lr[c], ...)``. Isotropic and diagonal covariances cost
     ``O(K d)`` per configuration-step (the margin variance ``σ²‖δ‖²`` or
     ``‖r ⊙ δ‖²``), full ones ``O(K d²)``; each step also evaluates the
     accurate Gaussian integrals of ``expected_loss_terms`` for 2K components.
@@ -1076,25 +1224,43 @@ def batched_population_trajectory(batch: PreferenceBatch, *, beta, lr=None, step
       batch: :class:`PreferenceBatch`. beta, lr, eps: scalars or ``(C,)``.
       steps, record_every, loss, optimizer, head, chunk_size, return_delta,
       executor: as in :func:`batched_empirical_trajectory`.
+      method, substeps: "gd" or "flow" (RK4, ``substeps`` per step; plain GD only), as the core.
+      label_noise, loss_weight: ``None``, ``(K,)`` or ``(C, K)`` (docs/theory.md §5).
+      components, cov_kind: instead of the batch's own 2K components, any components
+        (a dict as :func:`population_components` returns, ``root`` given by ``cov_kind`` ∈
+        ``("isotropic", "diagonal", "full", "cov")``; "cov" = the covariances themselves), e.g.
+        a mixture's; ``batch`` then only sets C, K and d.
 
     Returns:
       :class:`BatchedPopulationTrajectory` (NumPy).
 
     Raises:
-      ValueError: bad argument (named). Source: THEORY.md §3.
+      ValueError: bad argument (named). Source: docs/theory.md §3.
     """
     batch, steps, record_every, dtype, cfg = _common_inputs(batch, beta, lr, eps, steps, record_every, loss,
                                                             optimizer)
+    check_choice("method", method, ("gd", "flow"))
+    if method == "flow" and optimizer is not None:
+        raise ValueError("method='flow' is plain gradient flow; pass optimizer=None")
+    substeps = check_int("substeps", substeps)
     c, k, d = batch.mu_pos.shape
     heads, _, _, _ = _head_arrays(head, c, d, dtype)
+    flags = _interventions(cfg, c, k, dtype, label_noise, loss_weight)
+    if components is None:
+        components, cov_kind = population_components(batch, dtype), batch.cov_kind
+    check_choice("cov_kind", cov_kind, POP_COV_KINDS)
+    cfg = {name: v for name, v in cfg.items() if name in ("beta", "lr", "eps", "label_noise", "loss_weight")}
+    cfg.update({name: np.asarray(v, dtype if name != "beh" else np.int32) for name, v in components.items()})
     cfg["u_ref"], cfg["d0"] = heads["u_ref"], heads["d0"]
+    j = cfg["pi"].shape[1]
     if chunk_size is None:
-        per = dtype.itemsize * (2 * k * (d + (d * d if batch.cov_kind == "full" else d)) * 4 + 1344 * 2 * k * 8
+        per = dtype.itemsize * (j * (d + (d * d if cov_kind in ("full", "cov") else d)) * 4 + 1344 * j * 8
                                 + (steps // record_every + 1) * (d + 6 + 3 * k))
         chunk_size = int(max(1, min(c, 16384, _CHUNK_BUDGET // per)))
     chunk_size = check_int("chunk_size", chunk_size)
-    statics = (("steps", steps), ("record_every", record_every), ("loss", loss), ("optimizer", optimizer),
-               ("cov_kind", batch.cov_kind), ("return_delta", bool(return_delta)))
+    statics = (("k", k), ("steps", steps), ("record_every", record_every), ("loss", loss), ("optimizer", optimizer),
+               ("cov_kind", cov_kind), ("return_delta", bool(return_delta)), ("method", method),
+               ("substeps", substeps), ("label_noise", flags[0]), ("loss_weight", flags[1]))
     fn = _compiled(_population_kernel, statics, executor)
     out = _run_chunks(fn, cfg, {}, c, min(chunk_size, c), getattr(executor, "chunk_multiple", 1))
     return BatchedPopulationTrajectory(step=np.arange(0, steps + 1, record_every), metrics=out["metrics"],

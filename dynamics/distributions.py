@@ -2,7 +2,7 @@
 
 ``x | (k, s=+1) ~ N(μ_k⁺, Σ_k⁺)`` and ``x | (k, s=−1) ~ N(μ_k⁻, Σ_k⁻)``; behaviour
 ``k`` has weight ``ω_k`` (Σω = 1) and probability ``p_k`` that its preferred
-answer is ``a`` ("Yes", ``s = +1``). THEORY.md §2.
+answer is ``a`` ("Yes", ``s = +1``). docs/theory.md §2.1.
 
 The analytic layer works with ``z = s x``, a mixture over the ``2K``
 components ``c = (k, s)`` (:meth:`GaussianPreference.components`).
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import check_finite, check_in_range, check_int, check_positive, is_concrete
+from ._checks import check_finite, check_in_range, check_int, check_numeric, check_positive, is_concrete
 
 __all__ = [
     "GaussianPreference",
@@ -31,7 +31,10 @@ __all__ = [
 _NPZ_KEYS = ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight")
 
 
-def _float(x):
+def _float(x, name: str | None = None):
+    """``x`` as the default float dtype; with ``name``, refuse strings / objects / complex first (named)."""
+    if name is not None:
+        check_numeric(name, x)
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
@@ -57,7 +60,7 @@ def priority_gap(b):
     """Priority-gap matrix of preference directions ``b (K, d)`` → ``(K, K)``.
 
     ``gap_ij = (b_i − b_j)ᵀ b̄ / (‖b̄‖ · max(‖b_i‖, ‖b_j‖))`` with
-    ``b̄ = (b_i + b_j)/2`` (THEORY.md §2, the authors' definition). Positive
+    ``b̄ = (b_i + b_j)/2`` (docs/theory.md §2.3, the authors' definition). Positive
     ``gap_ij`` predicts behaviour ``i`` is learned before ``j`` (claim C4).
     Diagonal entries are 0.
     """
@@ -69,6 +72,20 @@ def priority_gap(b):
     den = jnp.linalg.norm(bbar, axis=-1) * jnp.maximum(nb[:, None], nb[None, :])
     gap = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
     return gap * (1.0 - jnp.eye(b.shape[0], dtype=gap.dtype))
+
+
+def _names(names, k: int) -> tuple:
+    """Behaviour names as a K-tuple of str (default ``behavior_i``); one string names K = 1."""
+    if names is None:
+        return tuple(f"behavior_{i}" for i in range(k))
+    if isinstance(names, (str, bytes)) or np.ndim(names) == 0:
+        one = names.item() if isinstance(names, np.ndarray) else names
+        one = one.decode() if isinstance(one, bytes) else str(one)
+        if k != 1:
+            raise ValueError(f"names is one name ({one!r}) but K = {k}; pass a list of {k} names")
+        return (one,)
+    return tuple(str(n) for n in np.asarray(names, dtype=object).reshape(-1)) if np.ndim(names) > 1 else \
+        tuple(str(n) for n in names)
 
 
 class Components(NamedTuple):
@@ -101,7 +118,7 @@ class GaussianPreference:
     distributions (leading axis on every field). Build with :meth:`create`,
     :meth:`single` or :meth:`from_angles` (they validate); a distribution built
     directly is validated by the public dynamics entry points.
-    Source: THEORY.md §2.
+    Source: docs/theory.md §2.
     """
 
     mu_pos: jax.Array
@@ -114,20 +131,30 @@ class GaussianPreference:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def create(cls, mu_pos, mu_neg, cov_pos, cov_neg=None, p_pos=0.5, weight=None, names=None):
+    def create(cls, mu_pos, mu_neg, cov_pos, cov_neg=None, p_pos=0.5, weight=None, names=None, *,
+               cov_layout: str | None = None):
         """Validated constructor with broadcasting.
 
         ``mu_pos``/``mu_neg``: ``(K, d)`` (or ``(d,)`` for K = 1). Covariances may be
         a scalar variance, ``(d,)`` / ``(K, d)`` variances (diagonal) or full
         ``(d, d)`` / ``(K, d, d)``; ``cov_neg`` defaults to ``cov_pos``.
-        ``p_pos`` scalar or ``(K,)``; ``weight`` defaults to uniform.
+        ``p_pos`` scalar or ``(K,)``; ``weight`` defaults to uniform. ``names``: K strings
+        (a single string, or a 0-d string array, names the one behaviour of K = 1).
+
+        A 2-D covariance of shape ``(K, d)`` with ``K = d > 1`` could be per-behaviour
+        variances or one shared ``(d, d)`` covariance: pass ``cov_layout="variances"`` or
+        ``cov_layout="covariance"`` to say which (it is refused otherwise).
 
         Raises:
-          ValueError: naming the field for a shape mismatch, a covariance that
+          ValueError: naming the field for a shape mismatch, an ambiguous ``(K, d)`` = ``(d, d)``
+            covariance without ``cov_layout``, a negative variance, a covariance that
             is not symmetric PSD, ``p_pos`` outside [0, 1], weights that are
-            negative or do not sum to 1, or NaN/inf anywhere.
+            negative or do not sum to 1, strings or complex numbers, or NaN/inf anywhere.
         """
-        mu_pos, mu_neg = _float(mu_pos), _float(mu_neg)
+        if cov_layout not in (None, "variances", "covariance"):
+            raise ValueError(f"cov_layout={cov_layout!r}; pass 'variances' ((K, d) diagonals), 'covariance' "
+                             "(one (d, d) matrix) or None")
+        mu_pos, mu_neg = _float(mu_pos, "mu_pos"), _float(mu_neg, "mu_neg")
         if mu_pos.ndim == 1:
             mu_pos = mu_pos[None]
         if mu_neg.ndim == 1:
@@ -138,22 +165,31 @@ class GaussianPreference:
                 "both must be (K, d) with the same K and d"
             )
         k, d = mu_pos.shape
-        cov_pos = cls._broadcast_cov("cov_pos", cov_pos, k, d)
-        cov_neg = cov_pos if cov_neg is None else cls._broadcast_cov("cov_neg", cov_neg, k, d)
-        p = jnp.broadcast_to(_float(p_pos), (k,)) if np.ndim(p_pos) == 0 else _float(p_pos)
-        w = jnp.full((k,), 1.0 / k) if weight is None else _float(weight)
-        names = tuple(str(n) for n in names) if names is not None else tuple(f"behavior_{i}" for i in range(k))
+        cov_pos = cls._broadcast_cov("cov_pos", cov_pos, k, d, cov_layout)
+        cov_neg = cov_pos if cov_neg is None else cls._broadcast_cov("cov_neg", cov_neg, k, d, cov_layout)
+        p = jnp.broadcast_to(_float(p_pos, "p_pos"), (k,)) if np.ndim(p_pos) == 0 else _float(p_pos, "p_pos")
+        w = jnp.full((k,), 1.0 / k) if weight is None else _float(weight, "weight")
+        names = _names(names, k)
         out = cls(mu_pos, mu_neg, cov_pos, cov_neg, _float(p), _float(w), names)
         return out.validate()
 
     @staticmethod
-    def _broadcast_cov(name, cov, k, d):
-        c = _float(cov)
+    def _broadcast_cov(name, cov, k, d, layout=None):
+        c = _float(cov, name)
+        if c.ndim <= 1 or (c.ndim == 2 and c.shape == (k, d) and (k != d or layout == "variances")):
+            if is_concrete(c):  # variances: a negative one is named here, not as a NaN root later
+                check_finite(name, c)
+                check_positive(f"{name} (variances)", c, allow_zero=True)
         if c.ndim == 0:
             return isotropic_cov(jnp.sqrt(c), d, k)
         if c.ndim == 1 and c.shape == (d,):
             return jnp.broadcast_to(diagonal_cov(c), (k, d, d))
-        if c.ndim == 2 and c.shape == (k, d) and not (k == d):
+        if c.ndim == 2 and c.shape == (k, d) == (d, d) and k > 1 and layout is None:
+            raise ValueError(
+                f"{name} has shape {c.shape}, which with K = d = {d} is either per-behaviour variances or one "
+                f"shared (d, d) covariance; pass cov_layout='variances' or cov_layout='covariance'"
+            )
+        if c.ndim == 2 and c.shape == (k, d) and (k != d or layout == "variances"):
             return diagonal_cov(c)
         if c.ndim == 2 and c.shape == (d, d):
             return jnp.broadcast_to(c, (k, d, d))
@@ -183,42 +219,57 @@ class GaussianPreference:
 
     @classmethod
     def from_angles(cls, distinguishability, angles=None, *, d: int, sigma=1.0, p=0.5,
-                    weight=None, names=None):
+                    weight=None, names=None, angles_deg=None):
         """K behaviours with given distinguishabilities and angles between them.
 
         Preference directions ``b_k = μ_k⁺ − μ_k⁻`` have ``‖b_k‖ = Δ_k`` and
         ``cos∠(b_i, b_j) = cos(angles[i, j])``; ``μ_k± = ±b_k/2``, ``Σ = σ_k² I``.
+        The basis is :func:`dynamics.transforms.preference_directions` (behaviour 0
+        along e₁, behaviour 1 in the e₁–e₂ plane, …), the same as the sweep's
+        ``build_distribution`` for its ``angle`` field (degrees).
 
         Args:
           distinguishability: ``(K,)`` Δ_k ≥ 0.
-          angles: ``(K, K)`` radians, or a scalar used for every pair (default
-            π/2: orthogonal behaviours). The Gram matrix must be PSD.
+          angles: ``(K, K)`` in RADIANS, or a scalar used for every pair, each in
+            [0, π]. Default (and with neither argument) π/2: orthogonal behaviours.
+            The cosine matrix must be PSD.
+          angles_deg: the same in DEGREES, in [0, 180] (pass one of the two).
           d: embedding dimension ≥ K. sigma: scalar or ``(K,)``.
           p, weight, names: as in :meth:`create`.
+
+        Raises:
+          ValueError: an angle outside [0, π] radians (e.g. ``angles=90``: degrees passed
+            as radians — use ``angles_deg=90``) or [0, 180] degrees, both units given,
+            a bad shape, a non-symmetric or non-PSD cosine matrix, ``d < K``.
         """
+        from . import transforms
+
         delta = np.asarray(distinguishability, dtype=float).reshape(-1)
         k = delta.shape[0]
         check_int("d", d, minimum=k)
         check_positive("distinguishability", delta, allow_zero=True)
         check_positive("sigma", sigma)
-        ang = np.full((k, k), np.pi / 2) if angles is None else np.asarray(angles, dtype=float)
-        if ang.ndim == 0:
-            ang = np.full((k, k), float(ang))
-        if ang.shape != (k, k):
+        if angles is not None and angles_deg is not None:
+            raise ValueError("pass angles (radians) or angles_deg (degrees), not both")
+        if angles_deg is not None:
+            transforms.check_angles("angles_deg", angles_deg, "degrees")
+            value, unit = angles_deg, "degrees"
+        else:
+            value, unit = (np.pi / 2 if angles is None else angles), "radians"
+            transforms.check_angles("angles", value, "radians")
+        ang = np.asarray(value, dtype=float)
+        if ang.ndim not in (0, 2) or (ang.ndim == 2 and ang.shape != (k, k)):
             raise ValueError(f"angles has shape {ang.shape}; expected a scalar or (K, K) = ({k}, {k})")
-        cosm = np.cos(ang)
-        np.fill_diagonal(cosm, 1.0)
-        if not np.allclose(cosm, cosm.T):
+        if ang.ndim == 2 and not np.allclose(ang, ang.T):
             raise ValueError("angles must be a symmetric (K, K) matrix")
-        evals, evecs = np.linalg.eigh(cosm)
+        cosm = transforms.angle_cosines(_float(ang), k, unit=unit)
+        evals = np.linalg.eigvalsh(np.asarray(cosm, dtype=np.float64))
         if evals.min() < -1e-9:
             raise ValueError(
                 f"angles give a cosine matrix that is not PSD (min eigenvalue {evals.min():.3g}); "
                 "no set of directions has these angles — widen or narrow them"
             )
-        dirs = evecs * np.sqrt(np.clip(evals, 0, None))  # rows: unit directions in R^K
-        b = np.zeros((k, d))
-        b[:, :k] = dirs * delta[:, None]
+        b = transforms.preference_directions(_float(delta), cosm, d)
         return cls.create(b / 2, -b / 2, isotropic_cov(sigma, d, k), p_pos=p, weight=weight, names=names)
 
     # ------------------------------------------------------------- validate
@@ -271,7 +322,7 @@ class GaussianPreference:
 
     @property
     def distinguishability(self):
-        """``‖μ_k⁺ − μ_k⁻‖``, shape ``(K,)`` (THEORY.md §2)."""
+        """``‖μ_k⁺ − μ_k⁻‖``, shape ``(K,)`` (docs/theory.md §2.3)."""
         return jnp.linalg.norm(self.preference_direction, axis=-1)
 
     @property
@@ -344,7 +395,7 @@ class GaussianPreference:
 
     # ------------------------------------------------------------------- io
     def save(self, path) -> None:
-        """Write the THEORY.md §2 ``.npz`` interchange file (no pickles)."""
+        """Write the docs/theory.md §2.4 ``.npz`` interchange file (no pickles)."""
         arrays = {key: np.asarray(getattr(self, key)) for key in _NPZ_KEYS}
         if self.names:
             arrays["names"] = np.asarray(self.names, dtype=str)
@@ -352,7 +403,7 @@ class GaussianPreference:
 
     @classmethod
     def load(cls, path):
-        """Read a THEORY.md ``.npz`` file; never unpickles.
+        """Read a ``.npz`` file (docs/theory.md §2.4); never unpickles.
 
         Raises:
           ValueError: missing keys, object arrays, or invalid contents (named).

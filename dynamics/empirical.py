@@ -1,6 +1,6 @@
 """The empirical layer: finite-sample last-layer DPO by GD, minibatch SGD or optax.
 
-Two paths compute the same trajectory (THEORY.md §1):
+Two paths compute the same trajectory (docs/theory.md §1.4):
 
 * ``path="reduced"`` (fast): only ``δ ∈ R^d`` is trained; for SGD, momentum and
   Adam without weight decay the head stays ``W_t = W_0 + (e_a − e_b) Δ_tᵀ`` with
@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ._checks import check_choice, check_finite, check_int, is_concrete
+from . import divergence
+from ._checks import check_choice, check_finite, check_int, is_concrete, traced_check_hparams
 from ._train import (check_batch_size, check_schedule, epoch_orders, make_optimizer, minibatch_index, run_recorded,
                      segment_mean)
 from .distributions import GaussianPreference
 from .head import Head
 from .losses import loss_fn, loss_grad_fn, validate_loss
 from .population import as_default_float, check_interventions
+from . import reduced
 
 __all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "check_pair_values",
            "METRICS"]
@@ -56,7 +58,8 @@ class EmpiricalTrajectory:
       weights: ``(V, d)`` final head W_T.
       cum_batch_mean_norm: ``(T,)`` Σ over steps so far of the minibatch mean
         ‖x‖ (the C2 bound is ``√2 η β`` times it for plain GD/SGD).
-      diverged: bool, NaN or inf anywhere in the trajectory.
+      diverged: bool, NaN or inf anywhere in the trajectory, or a training loss far above its
+        start (:mod:`dynamics.divergence`); accuracies of a NaN head are NaN, not 0.
     """
 
     step: jax.Array
@@ -82,8 +85,8 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
         optax transformation).
       steps: optimizer steps (static). record_every: cadence (static, divides steps).
       loss, eps: objective (``dynamics.LOSSES``) and its ε.
-      batch_size: ``None`` = full-batch GD; else minibatch SGD with per-epoch
-        reshuffling and the last partial batch dropped (``B ≤ n``, static).
+      batch_size: ``None`` or ``0`` (as in sweep configs) = full-batch GD; else minibatch SGD
+        with per-epoch reshuffling and the last partial batch dropped (``1 ≤ B ≤ n``, static).
       optimizer: ``None``/"sgd", "momentum", "adam", or an optax
         ``GradientTransformation`` (static).
       head: reference and initial head (default zeros, V = 2).
@@ -101,10 +104,15 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     Raises:
       ValueError: invalid argument (named, with the fix).
 
-    Source: THEORY.md §1 and §3 (last paragraph).
+    Source: docs/theory.md §1.4 and §3.4.
     """
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
+    # everything that can be checked without data, before sampling and compiling
+    validate_loss(loss, beta, eps)
+    check_choice("path", path, ("reduced", "full"))
+    check_schedule(steps, record_every, lr, optimizer)
+    check_batch_size(batch_size, n)
     if hasattr(dist, "validate"):
         dist = dist.validate()
     dist = as_default_float(dist)
@@ -185,7 +193,8 @@ def check_pair_values(name: str, x, s, behavior, num_behaviors: int | None = Non
 def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=None, steps: int,
                        loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
                        record_every: int = 1, head: Head | None = None,
-                       path: str = "reduced", train_labels=None, loss_weight=None) -> EmpiricalTrajectory:
+                       path: str = "reduced", train_labels=None, loss_weight=None,
+                       batches: str = "epoch") -> EmpiricalTrajectory:
     """Train the head on given data (e.g. real embeddings) and record metrics.
 
     Args:
@@ -195,6 +204,10 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
       train_labels: optional ``(n,)`` labels to *train* on (e.g. noisy ones);
         metrics still use ``train[1]``. Default: ``train[1]``.
       loss_weight: optional ``(K,)`` per-behaviour loss weights.
+      batches: minibatch order: "epoch" (per-epoch reshuffle, the default) or "iid"
+        (a fresh random batch of distinct pairs each step,
+        ``jax.random.choice(fold_in(key, t), n, (batch_size,), replace=False)``, as in
+        Im & Li's code).
       Other arguments as in :func:`empirical_trajectory`.
 
     Raises:
@@ -203,6 +216,7 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
     """
     validate_loss(loss, beta, eps)
     check_choice("path", path, ("reduced", "full"))
+    check_choice("batches", batches, ("epoch", "iid"))
     steps, record_every = check_schedule(steps, record_every, lr, optimizer)
     num_behaviors = check_int("num_behaviors", num_behaviors)
     x, s, beh = train
@@ -226,41 +240,22 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
     lam = jnp.ones((num_behaviors,)) if loss_weight is None else jnp.asarray(loss_weight)
     return _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, num_behaviors=num_behaviors,
                   loss=loss, optimizer=optimizer, steps=steps, record_every=record_every,
-                  batch_size=batch_size, path=path)
+                  batch_size=batch_size, path=path, batches=batches)
 
 
-def _split_metrics(h, logp_c, logp_r, ref_c, ref_r, policy_margin, beh, *, k, beta, loss, eps):
-    ell = loss_fn(loss, h, beta, eps)
-    racc = (h > 0).astype(h.dtype)
-    pacc = (policy_margin > 0).astype(h.dtype)
-    return {
-        "loss": jnp.mean(ell),
-        "reward_accuracy": jnp.mean(racc),
-        "policy_accuracy": jnp.mean(pacc),
-        "rewards_chosen": beta * jnp.mean(logp_c - ref_c),
-        "rewards_rejected": beta * jnp.mean(logp_r - ref_r),
-        "rewards_margin": beta * jnp.mean(h),
-        "logps_chosen": jnp.mean(logp_c),
-        "logps_rejected": jnp.mean(logp_r),
-        "behavior_loss": segment_mean(ell, beh, k),
-        "behavior_reward_accuracy": segment_mean(racc, beh, k),
-        "behavior_policy_accuracy": segment_mean(pacc, beh, k),
-    }
-
-
-def _choose(s, lp_a, lp_b):
-    pos = s > 0
-    return jnp.where(pos, lp_a, lp_b), jnp.where(pos, lp_b, lp_a)
+_split_metrics = reduced.split_metrics  # shared with the factored engine (dynamics.reduced)
+_choose = reduced.choose
 
 
 @partial(jax.jit, static_argnames=("num_behaviors", "loss", "optimizer", "steps", "record_every",
-                                   "batch_size", "path"))
+                                   "batch_size", "path", "batches"))
 def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num_behaviors, loss, optimizer,
-           steps, record_every, batch_size, path):
+           steps, record_every, batch_size, path, batches="epoch"):
     dtype = jnp.result_type(x.dtype, float)
     x, s, xe, se, s_fit = (v.astype(dtype) for v in (x, s, xe, se, s_fit))
     lam_i = jnp.asarray(lam, dtype)[beh]  # per-pair loss weight
     beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
+    beta, lr, eps = traced_check_hparams(beta, lr, eps, loss=loss, optimizer=optimizer)
     w_ref, w0 = head.w_ref.astype(dtype), head.w_init.astype(dtype)
     a, b = head.a, head.b
     u_ref = w_ref[a] - w_ref[b]
@@ -279,13 +274,16 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         "eval": (xe, se, behe, xe @ w0.T, ref_logps(xe, se)),
     }
 
-    table = None if batch_size is None else epoch_orders(key, n, batch_size, steps, x.shape[1])
+    table = None if batch_size is None or batches == "iid" else epoch_orders(key, n, batch_size, steps, x.shape[1])
 
     def take(t, *arrays):
-        """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped)."""
+        """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped; or iid)."""
         if batch_size is None:
             return arrays
-        idx = minibatch_index(t, key, table, n, batch_size)
+        if batches == "iid":
+            idx = jax.random.choice(jax.random.fold_in(key, t), n, (batch_size,), replace=False)
+        else:
+            idx = minibatch_index(t, key, table, n, batch_size)
         return tuple(v[idx] for v in arrays)
 
     if path == "reduced":
@@ -294,8 +292,8 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
             xb, sb, nb, lb = take(t, x, s_fit, norms, lam_i)
             h = sb * (xb @ delta)
             g = jnp.mean((lb * loss_grad_fn(loss, h, beta, eps) * sb)[:, None] * xb, axis=0)
-            updates, state = opt.update(g, state, (delta - d0) / 2.0)
-            return t + 1, delta + 2.0 * updates, state, cum + jnp.mean(nb)
+            delta, state = reduced.reduced_update(opt, g, state, delta, d0)
+            return t + 1, delta, state, cum + jnp.mean(nb)
 
         def record(carry):
             t, delta, _, cum = carry
@@ -306,7 +304,7 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
                 lc, lr_ = _choose(ss, lp[:, a], lp[:, b])
                 h = ss * (xx @ delta)
                 out[split] = mk(h, lc, lr_, rc, rr, ss * (xx @ (delta + u_ref)), bb)
-                out[split]["weight_change"] = jnp.linalg.norm(delta - d0) / jnp.sqrt(2.0)
+                out[split]["weight_change"] = reduced.weight_change(delta, d0)
             return t, out, delta, cum, delta
 
         carry0 = (jnp.int32(0), d0, opt.init(jnp.zeros_like(d0)), jnp.zeros((), dtype))
@@ -342,6 +340,6 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         final, (step, metrics, deltas, cum, _) = run_recorded(step_fn, record, carry0, steps, record_every)
         weights = final[1]
 
-    diverged = ~(jnp.all(jnp.isfinite(metrics["train"]["loss"])) & jnp.all(jnp.isfinite(deltas)))
+    diverged = divergence.diverged(metrics["train"]["loss"], deltas)
     return EmpiricalTrajectory(step=step, train=metrics["train"], eval=metrics["eval"], delta=deltas,
                                weights=weights, cum_batch_mean_norm=cum, diverged=diverged)

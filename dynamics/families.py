@@ -11,7 +11,7 @@ Protocol (docs/custom-distributions.md): a distribution is a pytree with
   predicts the dynamics the Gaussian-equivalence way, and the gap to the
   empirical dynamics is the Gaussian-equivalence error).
 
-Shipped families (THEORY.md §5):
+Shipped families (docs/theory.md §5.4):
 
 * :class:`EllipticalPreference` — multivariate Laplace or Student-t (ν > 2) with
   the same means and covariances as a Gaussian ``base``: ``x = μ + √W · R ε`` with a
@@ -156,7 +156,7 @@ class GaussianMixturePreference:
         Raises:
           ValueError: a concrete ``spread`` outside ``[0, 1)``.
 
-        Source: docs/custom-distributions.md (shipped families); moment matching as in THEORY.md §5.
+        Source: docs/custom-distributions.md (shipped families); moment matching as in docs/theory.md §5.4.
         """
         if is_concrete(spread):
             check_in_range("spread", spread, 0.0, 1.0)

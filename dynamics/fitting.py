@@ -4,12 +4,12 @@ Given prompt embeddings ``x (n, d)``, preference labels ``s (n,) ∈ {±1}`` and
 behaviour indices ``behavior (n,)``, :func:`fit_gaussian` returns the
 :class:`~dynamics.GaussianPreference` whose class-conditional means and
 covariances are the sample moments of each (behaviour, class) cell — the
-THEORY.md §2 ``.npz`` format that real embeddings are turned into, and the
-input of the analytic layer (THEORY.md §3).
+docs/theory.md §2.4 ``.npz`` format that real embeddings are turned into, and the
+input of the analytic layer (docs/theory.md §3).
 
 :func:`behavior_properties` reports, per behaviour, the counts, the class
 balance and the authors' properties (distinguishability, concentration,
-trace, priority gap; THEORY.md §2). They are read off the unshrunk fit through
+trace, priority gap; docs/theory.md §2.3). They are read off the unshrunk fit through
 the :class:`~dynamics.GaussianPreference` properties, so the numbers of
 ``dpo-sims properties`` and of a fitted distribution are the same by
 construction.
@@ -130,7 +130,7 @@ def fit_gaussian(x, s, behavior, *, num_behaviors: int | None = None, names=None
         than 2 samples, a bad ``shrinkage`` or ``weight``.
 
     Memory: ``2 K d²`` floats (e.g. 0.15 GB for K = 125, d = 384 in float32).
-    Source: THEORY.md §2 (interchange format and properties).
+    Source: docs/theory.md §2.3 (properties) and §2.4 (interchange format).
     """
     x, s, behavior, k = _check_data(x, s, behavior, num_behaviors)
     names = tuple(f"behavior_{i}" for i in range(k)) if names is None else tuple(str(v) for v in names)
@@ -163,7 +163,7 @@ def fit_gaussian(x, s, behavior, *, num_behaviors: int | None = None, names=None
 
 
 class BehaviorProperties(NamedTuple):
-    """Per-behaviour properties of labelled embeddings (THEORY.md §2).
+    """Per-behaviour properties of labelled embeddings (docs/theory.md §2.3).
 
     Attributes:
       names: ``K`` behaviour names.
@@ -196,7 +196,7 @@ def behavior_properties(x, s, behavior, *, num_behaviors: int | None = None, nam
 
     Args/Raises: as in :func:`fit_gaussian`.
     Returns: :class:`BehaviorProperties`.
-    Source: THEORY.md §2.
+    Source: docs/theory.md §2.
     """
     dist = fit_gaussian(x, s, behavior, num_behaviors=num_behaviors, names=names)
     _, s_, b_, k = _check_data(np.zeros((len(s), 1)), s, behavior, num_behaviors)

@@ -2,7 +2,7 @@
 
 ``π_W(y|x) = softmax(W x)_y``. Only rows ``a`` ("Yes") and ``b`` ("No") enter
 the DPO margin, ``h = s·δᵀx`` with ``δ = (W_a − W_b) − (W_ref,a − W_ref,b)``
-(THEORY.md §1). :class:`Head` holds ``W_ref`` and the initial ``W_0``; the
+(docs/theory.md §1.2). :class:`Head` holds ``W_ref`` and the initial ``W_0``; the
 reduced form used by the fast paths is ``(δ_0, u_ref)`` with
 ``u_ref = W_ref,a − W_ref,b``.
 """
@@ -40,9 +40,14 @@ class Head:
     def create(cls, w_ref, w_init=None, a: int = 0, b: int = 1):
         """Validated constructor; ``w_init`` defaults to ``w_ref``.
 
-        Raises ValueError for non-2D heads, V < 2, shapes that differ, or a/b
-        out of range or equal.
+        Raises ValueError for non-2D heads, V < 2, shapes that differ, a/b
+        out of range or equal, or strings, complex numbers or NaN/inf in the heads.
         """
+        from ._checks import check_finite
+
+        check_finite("w_ref", w_ref)  # strings, complex, NaN: named here, not as a dtype traceback
+        if w_init is not None:
+            check_finite("w_init", w_init)
         w_ref = jnp.asarray(w_ref, dtype=jnp.result_type(float))
         w_init = w_ref if w_init is None else jnp.asarray(w_init, dtype=w_ref.dtype)
         if w_ref.ndim != 2 or w_ref.shape[0] < 2:

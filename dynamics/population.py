@@ -1,7 +1,7 @@
 """The analytic layer: population (N → ∞) dynamics of last-layer DPO.
 
 For Gaussian components ``z | c ~ N(m_c, S_c)`` the margin ``a_c = δᵀz`` is
-``N(δᵀm_c, δᵀS_cδ)`` and Stein's lemma gives (THEORY.md §3, docs/theory.md §3)::
+``N(δᵀm_c, δᵀS_cδ)`` and Stein's lemma gives (docs/theory.md §3.1)::
 
     L(δ)  = Σ_c π_c E[ℓ(a_c)]
     ∇L(δ) = Σ_c π_c ( m_c E[ℓ'(a_c)] + S_c δ E[ℓ''(a_c)] )
@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ._checks import check_choice, check_int
+from . import divergence
+from ._checks import check_choice, check_int, traced_check_hparams
 from ._train import check_schedule, make_optimizer, run_recorded
 from .distributions import Components, GaussianPreference
 from .gaussian_integrals import normal_cdf
 from .head import Head
 from .losses import expected_loss_terms, validate_loss
+from . import reduced
 
 __all__ = [
     "PopulationTrajectory",
@@ -70,7 +72,8 @@ class PopulationTrajectory:
         ``(T, K)`` arrays (``behavior_loss``, ``behavior_reward_accuracy``,
         ``behavior_policy_accuracy``).
       delta: ``(T, d)`` the reduced head δ_t at the recorded steps.
-      diverged: bool, True when the trajectory produced NaN or inf.
+      diverged: bool, True when the trajectory produced NaN or inf or its loss rose far above its
+        start (:mod:`dynamics.divergence`); metrics of a NaN head stay NaN.
     """
 
     step: jax.Array
@@ -86,16 +89,8 @@ def as_default_float(tree):
     return jax.tree_util.tree_map(cast, tree)
 
 
-def _prob_positive(mu, sigma):
-    """P(N(mu, sigma²) > 0) with the point-mass limit at sigma = 0."""
-    safe = jnp.where(sigma > 0, sigma, 1.0)
-    return jnp.where(sigma > 0, normal_cdf(mu / safe), (mu > 0).astype(mu.dtype))
-
-
-def _safe_sqrt(x):
-    """``√max(x, 0)`` with a finite (zero) gradient at 0, so ``jax.grad`` works at δ = 0."""
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+_prob_positive = reduced.prob_positive  # shared with the factored engine (dynamics.reduced)
+_safe_sqrt = reduced.safe_sqrt
 
 
 def _margin_moments(comps, delta):
@@ -106,8 +101,7 @@ def _margin_moments(comps, delta):
 
 def _per_behavior(comps, values, k):
     """Component values → per-behaviour conditional means ``(K,)``."""
-    tot = jax.ops.segment_sum(comps.weight, comps.behavior, k)
-    return jax.ops.segment_sum(comps.weight * values, comps.behavior, k) / tot
+    return reduced.per_behavior(comps.weight, values, comps.behavior, k)
 
 
 def training_components(dist, label_noise=None, loss_weight=None) -> Components:
@@ -139,7 +133,7 @@ def training_components(dist, label_noise=None, loss_weight=None) -> Components:
 def gaussian_accuracy(dist: GaussianPreference, u):
     """Exact ``P(s uᵀx > 0)`` overall and per behaviour: ``(scalar, (K,))``.
 
-    ``= Σ_c π_c Φ(uᵀm_c / √(uᵀS_c u))`` (THEORY.md §3). With ``u = δ`` it is the
+    ``= Σ_c π_c Φ(uᵀm_c / √(uᵀS_c u))`` (docs/theory.md §3.1). With ``u = δ`` it is the
     reward accuracy; with ``u = W_a − W_b`` the policy accuracy. Works for any
     distribution with ``components()`` (exact for Gaussian mixtures).
     """
@@ -163,7 +157,7 @@ def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", ep
 
 def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
                         label_noise=None, loss_weight=None):
-    """Stein-form population gradient ``∇_δ L(δ)``, shape ``(d,)`` (THEORY.md §3)."""
+    """Stein-form population gradient ``∇_δ L(δ)``, shape ``(d,)`` (docs/theory.md §3.1)."""
     comps = training_components(dist, label_noise, loss_weight)
     mu, sigma = _margin_moments(comps, delta)
     _, e_l1, e_l2 = expected_loss_terms(loss, mu, sigma, beta, eps)
@@ -197,7 +191,7 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
         "reward_accuracy": jnp.sum(comps.weight * racc_c),
         "policy_accuracy": jnp.sum(comps.weight * pacc_c),
         "rewards_margin": beta * jnp.sum(comps.weight * mu),
-        "weight_change": _safe_sqrt(jnp.sum((delta - delta_init) ** 2)) / jnp.sqrt(2.0),
+        "weight_change": reduced.weight_change(delta, delta_init),
         "grad_norm": _safe_sqrt(jnp.sum(grad**2)),
         "behavior_loss": per(e_l),
         "behavior_reward_accuracy": per(racc_c),
@@ -233,7 +227,7 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
     Raises:
       ValueError: bad β, lr, steps, loss, ε, method or distribution (named).
 
-    Source: THEORY.md §3; derivation in docs/theory.md §3.
+    Source: docs/theory.md §3.1.
     """
     validate_loss(loss, beta, eps)
     check_choice("method", method, ("gd", "flow"))
@@ -260,6 +254,7 @@ def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, op
                 method, substeps):
     dtype = dist.components().mean.dtype
     beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
+    beta, lr, eps = traced_check_hparams(beta, lr, eps, loss=loss, optimizer=optimizer)
     d0 = head.delta_init.astype(dtype)
     u_ref = head.u_ref.astype(dtype)
     grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, eps=eps,
@@ -288,8 +283,8 @@ def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, op
 
         def step_fn(carry):
             t, delta, state = carry
-            updates, state = opt.update(grad(delta), state, (delta - d0) / 2.0)
-            return t + 1, delta + 2.0 * updates, state
+            delta, state = reduced.reduced_update(opt, grad(delta), state, delta, d0)
+            return t + 1, delta, state
 
         carry0 = (jnp.int32(0), d0, opt.init(jnp.zeros_like(d0)))
         get_delta = lambda c: c[1]
@@ -301,5 +296,5 @@ def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, op
         return carry[0], m, delta
 
     _, (step, metrics, deltas) = run_recorded(step_fn, record, carry0, steps, record_every)
-    diverged = ~(jnp.all(jnp.isfinite(metrics["loss"])) & jnp.all(jnp.isfinite(deltas)))
+    diverged = divergence.diverged(metrics["loss"], deltas)
     return PopulationTrajectory(step=step, metrics=metrics, delta=deltas, diverged=diverged)

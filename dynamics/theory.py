@@ -1,4 +1,4 @@
-"""The theorems: claims C1–C5 of THEORY.md §4 as analytic predictions and bounds.
+"""The theorems: claims C1–C5 (docs/theory.md §4) as analytic predictions and bounds.
 
 One place for the theory the package validates. Every function is a pure JAX
 function of a :class:`~dynamics.GaussianPreference` (or of scalars), so it can
@@ -7,7 +7,7 @@ be ``jax.vmap``-ed over stacked distributions and hyper-parameters
 each claim, are in ``docs/theory.md`` §4; ``sims/validate.py`` checks every
 function here against population and empirical runs (``dpo-sims validate``).
 
-Conventions (THEORY.md §1): ``δ = (W_a − W_b) − (W_ref,a − W_ref,b)`` is the
+Conventions (docs/theory.md §1): ``δ = (W_a − W_b) − (W_ref,a − W_ref,b)`` is the
 reduced head, ``z = s x`` the signed embedding with mean ``m̄`` and covariance
 ``C``; plain GD with learning rate ``η`` on ``W`` moves ``δ`` by
 ``−2η ∇L(δ)``; gradient-flow time is ``τ = η t`` (``t`` in steps). Losses are in
@@ -32,9 +32,10 @@ import numpy as np
 from flax import struct
 
 from ._checks import check_choice, check_in_range, check_int, check_positive, is_concrete
+from . import transforms
 from .distributions import GaussianPreference
 from .head import Head
-from .losses import LOSSES, loss_fn, loss_grad_fn
+from .losses import LOSSES, check_eps, get_loss, loss_fn, loss_grad_fn
 from .population import gaussian_accuracy, population_trajectory
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "c5_aligned_head",
     "Misalignment",
     "c5_misalignment",
+    "first_step_where",
     "first_step_below",
 ]
 
@@ -69,11 +71,7 @@ def _check_loss_args(loss, beta, eps):
     """Like ``losses.validate_loss`` but β and ε may be arrays (the functions here broadcast)."""
     check_choice("loss", loss, LOSSES)
     check_positive("beta", beta)
-    if loss in ("cdpo", "robust"):
-        check_in_range("eps", eps, 0.0, 0.5, hi_open=True)
-    elif is_concrete(eps) and np.any(np.asarray(eps) != 0.0):
-        raise ValueError(f"eps={np.asarray(eps).tolist()} has no effect with loss={loss!r}; it is the label "
-                         "smoothing of 'cdpo' and 'robust' — pass eps=0 or choose one of those losses")
+    check_eps(loss, eps)
 
 
 # --------------------------------------------------------------------- losses
@@ -105,7 +103,7 @@ def loss_lipschitz(loss: str, beta, eps=0.0):
 
     ``sigmoid`` and ``hinge``: β; ``cdpo``: β(1 − ε); ``robust``:
     β(1 − ε)/(1 − 2ε); ``ipo``: +inf (quadratic, no linear-growth bound).
-    Source: THEORY.md §4 C2 (stated for DPO, ``|ℓ'| ≤ β``); docs/theory.md §4.2.
+    Source: docs/theory.md §4.2 (stated for DPO, ``|ℓ'| ≤ β``).
 
     Returns an array of the broadcast shape of ``beta`` and ``eps``.
 
@@ -114,13 +112,7 @@ def loss_lipschitz(loss: str, beta, eps=0.0):
     """
     _check_loss_args(loss, beta, eps)
     beta, eps = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, eps)), jnp.asarray(eps, _dtype(beta, eps)))
-    if loss in ("sigmoid", "hinge"):
-        return beta
-    if loss == "cdpo":
-        return beta * (1.0 - eps)
-    if loss == "robust":
-        return beta * (1.0 - eps) / (1.0 - 2.0 * eps)
-    return jnp.full_like(beta, jnp.inf)
+    return jnp.broadcast_to(get_loss(loss).lipschitz(beta, eps), beta.shape)
 
 
 def loss_curvature_bound(loss: str, beta, eps=0.0):
@@ -130,12 +122,8 @@ def loss_curvature_bound(loss: str, beta, eps=0.0):
     (docs/theory.md §4.1). Raises ValueError like :func:`loss_lipschitz`.
     """
     _check_loss_args(loss, beta, eps)
-    beta = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, eps)), jnp.asarray(eps, _dtype(beta, eps)))[0]
-    if loss == "ipo":
-        return jnp.full_like(beta, 2.0)
-    if loss == "hinge":
-        return jnp.full_like(beta, jnp.inf)
-    return beta**2 / 4.0
+    beta, eps = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, eps)), jnp.asarray(eps, _dtype(beta, eps)))
+    return jnp.broadcast_to(get_loss(loss).curvature(beta, eps), beta.shape)
 
 
 def _second_moment(dist: GaussianPreference):
@@ -183,7 +171,7 @@ def c1_first_step(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", 
     Raises:
       ValueError: bad loss, β, η or ε (concrete values only).
 
-    Source: THEORY.md §4 C1; docs/theory.md §4.1.
+    Source: docs/theory.md §4.1.
     """
     _check_loss_args(loss, beta, eps)
     check_positive("lr", lr)
@@ -236,7 +224,7 @@ def c1_bands(dist: GaussianPreference, *, n, alpha) -> C1Bands:
     Raises:
       ValueError: n < 1 or α outside (0, 1) (concrete values only).
 
-    Source: THEORY.md §4 C1 (finite N); docs/theory.md §4.1.
+    Source: docs/theory.md §4.1 (finite N).
     """
     if is_concrete((n, alpha)):
         if np.any(np.asarray(n) < 1):
@@ -258,8 +246,8 @@ def z_is_gaussian(dist: GaussianPreference, atol=1e-6):
     mean and covariance (one component, or symmetric behaviours ``μ⁻ = −μ⁺``,
     ``Σ⁻ = Σ⁺`` that all coincide). Scalar bool, vmappable.
 
-    The Gaussian band of :func:`c1_bands` is guaranteed only then (THEORY.md §4 C1;
-    docs/theory.md §2 and §4.1).
+    The Gaussian band of :func:`c1_bands` is guaranteed only then (docs/theory.md §2
+    and §4.1).
     """
     c = dist.components()
     ref = jnp.argmax(c.weight)
@@ -290,7 +278,7 @@ def c2_weight_change_bound(cum_batch_mean_norm, *, beta, lr, loss: str = "sigmoi
     Raises:
       ValueError: bad loss, β, η or ε (concrete values only).
 
-    Source: THEORY.md §4 C2; docs/theory.md §4.2.
+    Source: docs/theory.md §4.2.
     """
     check_positive("lr", lr)
     lip = loss_lipschitz(loss, beta, eps)
@@ -315,7 +303,7 @@ def c3_accuracy_bound(dist: GaussianPreference, u):
       ``(bound, per_behavior (K,), hypothesis_holds)``: the overall lower
       bound, the per-behaviour bounds (conditioned on k) and a bool scalar.
 
-    Source: THEORY.md §4 C3; docs/theory.md §4.3.
+    Source: docs/theory.md §4.3.
     """
     c = dist.components()
     u = jnp.asarray(u, dist.mu_pos.dtype)
@@ -334,7 +322,7 @@ def c3_accuracy_bound(dist: GaussianPreference, u):
 def c3_first_step_bound(dist: GaussianPreference):
     """C3 at the first step (``δ_1 ∝ m̄``): ``(bound, per_behavior (K,), hypothesis_holds)``.
 
-    Source: THEORY.md §4 C3; docs/theory.md §4.3.
+    Source: docs/theory.md §4.3.
     """
     return c3_accuracy_bound(dist, dist.mean)
 
@@ -344,7 +332,7 @@ def c3_isotropic_bound(distinguishability, sigma):
 
     Distinguishability Δ = ‖μ⁺ − μ⁻‖ against concentration σ². Arrays
     broadcast. Raises ValueError for σ ≤ 0 or Δ < 0 (concrete values).
-    Source: THEORY.md §4 C3; docs/theory.md §4.3.
+    Source: docs/theory.md §4.3.
     """
     check_positive("sigma", sigma)
     check_positive("distinguishability", distinguishability, allow_zero=True)
@@ -369,7 +357,7 @@ def c4_initial_loss_rates(dist: GaussianPreference, *, beta, loss: str = "sigmoi
     Returns:
       ``(K,)`` rates in nats per unit τ = η·steps (negative = loss falls).
 
-    Source: THEORY.md §4 C4; docs/theory.md §4.4.
+    Source: docs/theory.md §4.4.
     """
     g = initial_loss_slope(loss, beta, eps)
     return -2.0 * g**2 * (dist.behavior_mean @ dist.mean)
@@ -384,7 +372,7 @@ def c4_first_step_loss_change(dist: GaussianPreference, *, beta, lr, loss: str =
     Returns:
       ``(lower (K,), upper (K,))`` in nats (upper is +inf for ``hinge``).
 
-    Source: THEORY.md §4 C4; docs/theory.md §4.4.
+    Source: docs/theory.md §4.4.
     """
     step = c1_first_step(dist, beta=beta, lr=lr, loss=loss, eps=eps)
     lower = lr * c4_initial_loss_rates(dist, beta=beta, loss=loss, eps=eps)
@@ -401,16 +389,12 @@ def c4_first_step_loss_change(dist: GaussianPreference, *, beta, lr, loss: str =
 # ------------------------------------------------------------------------ C5
 def c5_scale_separation(dist: GaussianPreference, kappa) -> GaussianPreference:
     """``μ_k^± → (μ_k⁺ + μ_k⁻)/2 ± κ (μ_k⁺ − μ_k⁻)/2``: distinguishability × κ, same midpoints
-    and covariances (THEORY.md §4 C5's model of an aligned model's embeddings).
+    and covariances (docs/theory.md §4.5: the model of an aligned model's embeddings).
 
     Args: dist (vmappable); kappa: scalar κ > 0 (the claim uses κ ≥ 1).
     Raises ValueError for κ ≤ 0 (concrete values).
     """
-    check_positive("kappa", kappa)
-    kappa = jnp.asarray(kappa, dist.mu_pos.dtype)
-    mid = (dist.mu_pos + dist.mu_neg) / 2.0
-    half = (dist.mu_pos - dist.mu_neg) / 2.0
-    return dist.replace(mu_pos=mid + kappa * half, mu_neg=mid - kappa * half)
+    return transforms.scale_separation(dist, kappa)
 
 
 def c5_flip_labels(dist: GaussianPreference) -> GaussianPreference:
@@ -419,10 +403,9 @@ def c5_flip_labels(dist: GaussianPreference) -> GaussianPreference:
     ``x | s' = +1`` is the old ``x | s = −1``, so ``μ^±`` and ``Σ^±`` swap and
     ``p_k → 1 − p_k``; ``m̄ → −m̄``. For any head, accuracy on the flipped
     labels is ``1 −`` accuracy on the original ones (no ties: Gaussian).
-    Source: THEORY.md §4 C5.
+    Source: docs/theory.md §4.5.
     """
-    return dist.replace(mu_pos=dist.mu_neg, mu_neg=dist.mu_pos, cov_pos=dist.cov_neg,
-                        cov_neg=dist.cov_pos, p_pos=1.0 - dist.p_pos)
+    return transforms.flip_labels(dist)
 
 
 def c5_aligned_head(dist: GaussianPreference, *, beta, lr, steps: int, loss: str = "sigmoid",
@@ -432,7 +415,7 @@ def c5_aligned_head(dist: GaussianPreference, *, beta, lr, steps: int, loss: str
     Returns ``Head.create(w_ref=W_A, w_init=W_A)`` with ``W_A`` the full
     ``(vocab_size, d)`` head after alignment (rows a = 0, b = 1), so a DPO run
     from it has ``δ_0 = 0`` and ``u_ref = δ_A``. ``steps`` is static.
-    Source: THEORY.md §4 C5; docs/theory.md §4.5.
+    Source: docs/theory.md §4.5.
     """
     check_int("vocab_size", vocab_size, minimum=2)
     traj = population_trajectory(dist, beta=beta, lr=lr, steps=steps, loss=loss, eps=eps,
@@ -452,8 +435,8 @@ class Misalignment:
       flipped_accuracy: ``(T,)`` policy accuracy on the flipped labels.
       original_accuracy: ``(T,)`` policy accuracy on the original labels
         (``1 − flipped_accuracy``: no ties under Gaussian embeddings).
-      steps_until_flip: int scalar, first step with ``original_accuracy < 1/2``
-        (−1 when it never happens within ``steps``).
+      steps_until_flip: float scalar, first step with ``original_accuracy < 1/2``
+        (NaN when it never happens within ``steps``; :func:`first_step_below`).
       aligned_accuracy: scalar, the aligned head's policy accuracy on the
         original labels (``original_accuracy[0]``).
     """
@@ -466,23 +449,51 @@ class Misalignment:
     aligned_accuracy: jax.Array
 
 
-def first_step_below(curve, threshold=0.5, step=None):
-    """First recorded step where ``curve < threshold``; −1 when never.
+def first_step_where(condition, step=None):
+    """First recorded step where ``condition`` holds; **NaN when it never does**.
+
+    The one "first step" convention of the package (C5's steps until flip, the
+    sims' time-to-threshold tables): the step number of the first ``True`` along
+    the last axis, as a float, and NaN (not a sentinel step) where no record
+    satisfies the condition, so ``nanmean``/plots skip it and no valid step is
+    mistaken for "never".
 
     Args:
-      curve: ``(T,)`` values at recorded steps; step: ``(T,)`` their step
-        numbers (default ``0..T−1``). Vmappable.
+      condition: ``(..., T)`` bool, one per recorded step.
+      step: ``(T,)`` the recorded step numbers (default ``0..T−1``). Vmappable.
 
     Returns:
-      int32 scalar (a step number, or −1).
+      ``(...)`` float array (the default float dtype): a step number or NaN.
 
-    Source: THEORY.md §4 C5 (steps until the policy's accuracy falls below 1/2);
-    docs/theory.md §4.5.
+    Raises:
+      ValueError: ``step`` does not have shape ``(T,)``.
+
+    Source: docs/theory.md §4.5.
     """
-    curve = jnp.asarray(curve)
-    step = jnp.arange(curve.shape[-1]) if step is None else jnp.asarray(step)
-    below = curve < threshold
-    return jnp.where(jnp.any(below), step[jnp.argmax(below)], -1).astype(jnp.int32)
+    cond = jnp.asarray(condition).astype(bool)
+    t = cond.shape[-1]
+    step = jnp.arange(t) if step is None else jnp.asarray(step)
+    if step.shape != (t,):
+        raise ValueError(f"step has shape {step.shape}; pass one step number per record, shape ({t},)")
+    dtype = jnp.result_type(float)
+    hit = jnp.any(cond, axis=-1)
+    return jnp.where(hit, step.astype(dtype)[jnp.argmax(cond, axis=-1)], jnp.asarray(jnp.nan, dtype))
+
+
+def first_step_below(curve, threshold=0.5, step=None):
+    """First recorded step where ``curve < threshold``; NaN when never (:func:`first_step_where`).
+
+    Args:
+      curve: ``(..., T)`` values at recorded steps; threshold: scalar (or
+        broadcastable to ``curve``); step: ``(T,)`` their step numbers
+        (default ``0..T−1``). Vmappable.
+
+    Returns:
+      ``(...)`` float array (a step number, or NaN).
+
+    Source: docs/theory.md §4.5 (steps until the policy's accuracy falls below 1/2).
+    """
+    return first_step_where(jnp.asarray(curve) < threshold, step)
 
 
 def c5_misalignment(dist: GaussianPreference, kappa, *, beta, lr, steps: int, align_steps: int,
@@ -497,7 +508,7 @@ def c5_misalignment(dist: GaussianPreference, kappa, *, beta, lr, steps: int, al
 
     By C1 the first misalignment step is ``η β κ``-proportional (``m̄`` scales
     with κ for balanced behaviours), so the misalignment loss falls faster and
-    the policy flips sooner for larger κ (THEORY.md §4 C5, docs/theory.md §4.5).
+    the policy flips sooner for larger κ (docs/theory.md §4.5).
 
     Args:
       dist: base distribution (vmappable). kappa: κ > 0 (vmappable).

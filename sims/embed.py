@@ -2,8 +2,10 @@
 
 Pipeline (docs/real-data.md):
 
-1. ``embed`` reads persona ``.jsonl`` files (:mod:`sims.persona`) and embeds
-   each ``question`` with a real model, writing ``emb.npz``:
+1. ``embed`` reads persona ``.jsonl`` files (:mod:`sims.persona`), or with
+   ``--format trl`` a user's TRL-format preference data (``prompt``,
+   ``chosen``, ``rejected``; :mod:`sims.trl_data`), and embeds each
+   ``question`` / ``prompt`` with a real model, writing ``emb.npz``:
    ``x (n, d) float32``, ``s (n,) int8`` (+1 when ``answer_matching_behavior``
    is " Yes": the matching answer is the chosen one), ``behavior (n,) int32``,
    ``names (K,)``, ``line (n,)`` (line in its file), ``files``/``file_sha256``
@@ -11,9 +13,13 @@ Pipeline (docs/real-data.md):
    ``w_answers (2, d)`` (the unembedding rows of " Yes", " No"),
    ``answer_bias (2,)``, ``answer_token_ids (2,)`` and ``ref_logp (n, 2)`` (the
    model's log-probabilities of " Yes" and " No" after the prompt, nats).
+   ``answers (2,)`` holds the two answer texts (" Yes", " No" for persona
+   data; a TRL file's own two single-token answers otherwise, whose rows the
+   causal-LM back-end then stores), and ``confidence (n,)`` a TRL
+   confidence column when there is one (recorded only).
 2. ``properties`` prints the per-behaviour counts, class balance and the
-   authors' properties (THEORY.md §2), and writes them as CSV.
-3. ``fit`` writes the Gaussian fit in the THEORY.md §2 ``.npz`` format.
+   authors' properties (docs/theory.md §2.3), and writes them as CSV.
+3. ``fit`` writes the Gaussian fit in the docs/theory.md §2.4 ``.npz`` format.
 
 Back-ends (imported lazily; the core install stays JAX-only — install the
 ``[embed]`` extra):
@@ -97,6 +103,9 @@ class EmbeddingSet:
       answer_bias: ``(2,)`` their output biases (0 when the head has none).
       answer_token_ids: ``(2,)`` token ids of " Yes", " No".
       ref_logp: ``(n, 2)`` reference log-probs of " Yes", " No" after each prompt (nats).
+      answers: the two answer texts ``(a, b)`` (``s = +1``: chosen = ``a``); ``()`` = (" Yes", " No").
+      confidence: ``(n,)`` float32 per-row label confidence in [0, 1] (NaN where unknown), or None;
+        recorded from a TRL confidence column, not used by the training loops.
     """
 
     x: np.ndarray
@@ -112,6 +121,8 @@ class EmbeddingSet:
     answer_bias: np.ndarray | None = None
     answer_token_ids: np.ndarray | None = None
     ref_logp: np.ndarray | None = None
+    answers: tuple = ()
+    confidence: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -136,6 +147,10 @@ class EmbeddingSet:
         for key in ("w_answers", "answer_bias", "answer_token_ids", "ref_logp"):
             if getattr(self, key) is not None:
                 arrays[key] = np.asarray(getattr(self, key))
+        if self.answers:
+            arrays["answers"] = np.asarray(self.answers, dtype=str)
+        if self.confidence is not None:
+            arrays["confidence"] = np.asarray(self.confidence, np.float32)
         path = Path(path)
         if path.parent != Path(""):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +183,9 @@ class EmbeddingSet:
                   line=data.get("line"), files=tuple(str(v) for v in np.atleast_1d(data.get("files", []))),
                   file_sha256=tuple(str(v) for v in np.atleast_1d(data.get("file_sha256", []))),
                   w_answers=data.get("w_answers"), answer_bias=data.get("answer_bias"),
-                  answer_token_ids=data.get("answer_token_ids"), ref_logp=data.get("ref_logp"))
+                  answer_token_ids=data.get("answer_token_ids"), ref_logp=data.get("ref_logp"),
+                  answers=tuple(str(v) for v in np.atleast_1d(data["answers"])) if "answers" in data else (),
+                  confidence=data.get("confidence"))
         try:
             return out.validate()
         except ValueError as e:
@@ -196,6 +213,10 @@ class EmbeddingSet:
             raise ValueError(f"w_answers has shape {np.shape(self.w_answers)}; expected (2, d) = (2, {d})")
         if self.ref_logp is not None and np.shape(self.ref_logp) != (n, 2):
             raise ValueError(f"ref_logp has shape {np.shape(self.ref_logp)}; expected (n, 2) = ({n}, 2)")
+        if self.answers and len(self.answers) != 2:
+            raise ValueError(f"answers has {len(self.answers)} entries; expected the two answer texts (a, b)")
+        if self.confidence is not None and np.shape(self.confidence) != (n,):
+            raise ValueError(f"confidence has shape {np.shape(self.confidence)}; expected (n,) = ({n},)")
         return self
 
 
@@ -241,7 +262,10 @@ class _SentenceTransformer:
     backend = "sentence-transformers"
     batches_per_call = 8  # encode() sorts each call's texts by length: fewer pads
 
-    def __init__(self, model: str, device: str):
+    def __init__(self, model: str, device: str, answers=_ANSWER_TEXT, authors_compat: bool = False):
+        if authors_compat:
+            raise ValueError("--authors-compat (double final norm) applies to the causal-lm back-end only; "
+                             "drop it or pass a causal LM with --backend causal-lm")
         _offline_env()
         alias = model.lower() in MINILM_ALIASES
         path = _minilm_path() if alias else Path(model)
@@ -267,11 +291,21 @@ class _SentenceTransformer:
         return {"x": np.asarray(x, np.float32)}
 
 
+def _final_norm(model):
+    """The final norm module before ``lm_head`` (Llama/Mistral ``norm``, GPT-2 ``ln_f``, …), or None."""
+    base = getattr(model, "base_model", None) or model
+    for attr in ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm"):
+        mod = getattr(base, attr, None)
+        if mod is not None and callable(mod):
+            return mod
+    return None
+
+
 class _CausalLM:
     backend = "causal-lm"
     batches_per_call = 1
 
-    def __init__(self, model: str, device: str):
+    def __init__(self, model: str, device: str, answers=_ANSWER_TEXT, authors_compat: bool = False):
         _offline_env()
         import torch  # lazy: the [embed] extra
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,9 +322,18 @@ class _CausalLM:
         if self.head is None or not hasattr(self.head, "weight"):
             raise ValueError(f"model {model!r} has no output embedding (get_output_embeddings() is "
                              f"{type(self.head).__name__}); pass a causal LM with an unembedding head")
-        ids = [self._answer_id(t) for t in _ANSWER_TEXT]
+        self.answers = tuple(answers)
+        self.norm = None
+        if authors_compat:
+            self.norm = _final_norm(self.model)
+            if self.norm is None:
+                raise ValueError(f"--authors-compat: model {model!r} has no final norm (norm, ln_f, "
+                                 "final_layer_norm) to apply a second time; drop --authors-compat")
+        self.fingerprint += _variant(self.answers, authors_compat)
+        ids = [self._answer_id(t) for t in self.answers]
         if ids[0] == ids[1]:
-            raise ValueError(f"' Yes' and ' No' map to the same token id {ids[0]}; the tokenizer cannot tell them apart")
+            raise ValueError(f"{self.answers[0]!r} and {self.answers[1]!r} map to the same token id {ids[0]}; "
+                             "the tokenizer cannot tell them apart")
         w = self.head.weight.detach().float().cpu().numpy()
         bias = getattr(self.head, "bias", None)
         b = np.zeros(2, np.float32) if bias is None else bias.detach().float().cpu().numpy()[ids]
@@ -306,7 +349,8 @@ class _CausalLM:
         if len(ids) != 1:
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
             raise ValueError(f"answer {text!r} is {len(ids)} tokens {pieces} for this tokenizer; "
-                             "last-layer DPO needs ' Yes' and ' No' to be single tokens")
+                             "last-layer DPO needs single-token answers (the multi-position model does not "
+                             "exist yet)")
         return int(ids[0])
 
     def embed(self, texts, batch_size):
@@ -338,7 +382,11 @@ class _CausalLM:
         if h.shape[1] != width:
             raise RuntimeError(f"the output embedding saw {h.shape[1]} positions but the batch has {width}; "
                                "the model slices hidden states before the head, which this back-end cannot use")
-        x = h[rows, last].float()
+        x = h[rows, last]
+        if self.norm is not None:  # the authors' embedding: the final norm applied a second time
+            with torch.no_grad():
+                x = self.norm(x)
+        x = x.float()
         logits = out.logits[rows, last].float()
         logp = torch.log_softmax(logits, dim=-1)[:, self.ids]
         return {"x": x.cpu().numpy().astype(np.float32), "ref_logp": logp.cpu().numpy().astype(np.float32)}
@@ -347,7 +395,14 @@ class _CausalLM:
 _LOADERS = {"sentence-transformers": _SentenceTransformer, "causal-lm": _CausalLM}
 
 
-def load_embedder(model: str, backend: str = "auto", device: str = "cpu"):
+def _variant(answers, authors_compat: bool) -> str:
+    """Suffix of a causal LM's cache fingerprint: '' for the persona defaults (" Yes"/" No", plain embedding)."""
+    out = "" if tuple(answers) == _ANSWER_TEXT else "|answers=" + json.dumps(list(answers))
+    return out + ("|authors-compat" if authors_compat else "")
+
+
+def load_embedder(model: str, backend: str = "auto", device: str = "cpu", *, answers=None,
+                  authors_compat: bool = False):
     """Load a model for embedding.
 
     Args:
@@ -359,6 +414,12 @@ def load_embedder(model: str, backend: str = "auto", device: str = "cpu"):
         other back-end is tried when the first fails), "sentence-transformers"
         or "causal-lm".
       device: torch device ("cpu", "cuda").
+      answers: the two answer texts ``(a, b)`` whose unembedding rows a causal LM
+        stores (default " Yes", " No"); each must be one token.
+      authors_compat: causal LM only: apply the model's final norm a second
+        time to the captured ``lm_head`` input, as Im & Li's code does (HF's
+        ``hidden_states[-1]`` is already normed); the prompt's trailing newline
+        is dropped by :func:`embed_persona`. ``ref_logp`` stays the model's own.
 
     Returns:
       an embedder with ``model_id``, ``backend``, ``fingerprint``, ``dim``,
@@ -372,6 +433,9 @@ def load_embedder(model: str, backend: str = "auto", device: str = "cpu"):
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if authors_compat and (backend == "sentence-transformers" or model.lower() in MINILM_ALIASES):
+        raise ValueError("--authors-compat (double final norm) applies to the causal-lm back-end only; "
+                         "drop it or pass a local causal LM folder with --model")
     try:
         import torch  # noqa: F401
     except ImportError as e:
@@ -391,7 +455,8 @@ def load_embedder(model: str, backend: str = "auto", device: str = "cpu"):
             continue
         try:
             with _quiet():
-                return _LOADERS[name](model, device)
+                return _LOADERS[name](model, device, answers=tuple(answers or _ANSWER_TEXT),
+                                      authors_compat=authors_compat)
         except MissingExtraError:
             raise
         except ImportError as e:
@@ -471,7 +536,8 @@ def _fast_key(model: str, backend: str) -> tuple[str, str, str] | None:
 # -------------------------------------------------------------- embedding
 def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, backend: str = "auto",
                   batch_size: int = 32, cache_dir=None, template: str = "{question}", device: str = "cpu",
-                  progress: bool | None = None, stats: dict | None = None) -> EmbeddingSet:
+                  progress: bool | None = None, stats: dict | None = None, answers=None,
+                  authors_compat: bool = False) -> EmbeddingSet:
     """Embed every question of ``data`` with ``model`` (see :func:`load_embedder`).
 
     Args:
@@ -485,6 +551,10 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
       stats: if a dict, filled with ``embedded`` (statements run through the
         model), ``cached`` (read from the cache), ``load_seconds`` (loading the
         model) and ``seconds`` (embedding, excluding the load).
+      answers: the two answer texts ``(a, b)`` (default " Yes", " No"; a TRL file's
+        answers, :func:`sims.trl_data.load_trl`); a causal LM stores their rows.
+      authors_compat: Im & Li's embedding (causal LM only): the final norm applied
+        twice and each prompt without its trailing newline(s) (see :func:`load_embedder`).
 
     Returns:
       :class:`EmbeddingSet` (behaviour ``k`` = ``data.files[k]``).
@@ -500,9 +570,18 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
     if "{question}" not in template:
         raise ValueError(f"template {template!r} has no '{{question}}' placeholder; e.g. '{{question}}\\nAnswer:'")
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    answers = tuple(answers) if answers else _ANSWER_TEXT
+    if len(answers) != 2 or answers[0] == answers[1]:
+        raise ValueError(f"answers must be two different answer texts, got {answers!r}")
+    prompt = (lambda q: template.replace("{question}", q).rstrip("\n")) if authors_compat else \
+        (lambda q: template.replace("{question}", q))
     results: dict[int, dict] = {}
     todo = list(range(len(data.files)))
     fast = _fast_key(model, backend) if cache is not None else None
+    if fast is not None and fast[0] == "causal-lm":
+        fast = (fast[0], fast[1], fast[2] + _variant(answers, authors_compat))
+    elif fast is not None and authors_compat:
+        fast = None  # the sentence-transformers loader refuses --authors-compat with its one-line error
     if fast is not None:
         probe = type("Probe", (), {"backend": fast[0], "model_id": fast[1], "fingerprint": fast[2]})
         for k in list(todo):
@@ -515,7 +594,7 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
     t0 = time.perf_counter()
     load_seconds = 0.0
     if todo:
-        embedder = load_embedder(model, backend, device)
+        embedder = load_embedder(model, backend, device, answers=answers, authors_compat=authors_compat)
         load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         bar = tqdm(total=n_todo, desc=f"embed {Path(embedder.model_id).name}", unit="stmt",
@@ -525,7 +604,7 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
             path = _cache_path(cache, embedder, pf, template) if cache is not None else None
             hit = _cache_read(path, pf.n) if path is not None else None
             if hit is None:
-                texts = [template.replace("{question}", q) for q in pf.questions]
+                texts = [prompt(q) for q in pf.questions]
                 parts = []
                 chunk = batch_size * embedder.batches_per_call
                 for i in range(0, len(texts), chunk):
@@ -561,23 +640,48 @@ def embed_persona(data: "persona_io.PersonaData", model: str = "minilm", *, back
         w_answers=first["w_answers"] if causal else None, answer_bias=first.get("answer_bias"),
         answer_token_ids=first.get("answer_token_ids"),
         ref_logp=np.concatenate([p["ref_logp"] for p in parts]) if causal else None,
+        answers=answers,
     ).validate()
 
 
 # -------------------------------------------------------------------- CLI
 def register(sub) -> None:
-    """Add the ``embed``, ``properties`` and ``fit`` sub-commands."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    """Add the ``embed``, ``properties`` and ``fit`` sub-commands (each one not already in ``sub``)."""
+    for name, add in (("embed", _register_embed), ("properties", _register_properties), ("fit", _register_fit)):
+        if name not in sub.choices:
+            add(sub, argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _register_embed(sub, fmt) -> None:
     # "%(default).0s" in a help text prints nothing: it stops ArgumentDefaultsHelpFormatter from appending
     # "(default: None)" to options whose default is described in words or that are required.
-    p = sub.add_parser("embed", help="persona statements → embeddings (emb.npz) with a real model",
-                       description="Embed each persona question with a sentence-transformers model or a HuggingFace "
-                       "causal LM (last-token input of the output embedding) and write emb.npz. Runs offline (no "
-                       "downloads); needs the [embed] extra. Unusable files are skipped and listed. Persona data: "
-                       "Anthropic persona statements, Perez et al. 2022, CC-BY-4.0.", formatter_class=fmt)
+    p = sub.add_parser("embed", help="persona statements or TRL preference data → embeddings (emb.npz) with a real "
+                       "model",
+                       description="Embed each persona question (or, with --format trl, each prompt of TRL-format "
+                       "preference rows: prompt, chosen, rejected, single-token answers) with a sentence-transformers "
+                       "model or a HuggingFace causal LM (last-token input of the output embedding) and write "
+                       "emb.npz. Runs offline (no downloads); needs the [embed] extra. Unusable persona files are "
+                       "skipped and listed. Persona data: Anthropic persona statements, Perez et al. 2022, CC-BY-4.0.",
+                       formatter_class=fmt)
     p.add_argument("--data", nargs="+", default=None,
                    help="persona folder or .jsonl files (default: $DPO_DYNAMICS_PERSONA, else "
-                        "../shared/data/persona beside the repository)%(default).0s")
+                        "../shared/data/persona beside the repository); with --format trl one .jsonl, .parquet "
+                        "or datasets.save_to_disk folder%(default).0s")
+    p.add_argument("--format", default="persona", dest="data_format", metavar="{persona,trl}",
+                   help="input format: persona (Anthropic persona .jsonl: question, answer_matching_behavior) or "
+                   "trl (TRL preference rows: prompt, chosen, rejected, single-token answers)")
+    p.add_argument("--behavior-column", default=None,
+                   help="--format trl: column naming each row's behaviour/category (default: one behaviour named "
+                   "after the file)%(default).0s")
+    p.add_argument("--confidence-column", default=None,
+                   help="--format trl: column of per-row label confidences in [0, 1], stored as confidence in "
+                   "emb.npz (default: label_confidence if present; '' = none)%(default).0s")
+    p.add_argument("--split", default=None,
+                   help="--format trl: split of a DatasetDict folder (default: train, or the only split)"
+                   "%(default).0s")
+    p.add_argument("--authors-compat", action="store_true",
+                   help="causal-lm only: embed as Im & Li's code does, with the final norm applied twice and the "
+                   "prompt without its trailing newline (default: the true lm_head input)%(default).0s")
     p.add_argument("--model", default="minilm",
                    help="local model folder (sentence-transformers or HuggingFace causal LM), or 'minilm' = the "
                    "packaged all-MiniLM-L6-v2 (d = 384)")
@@ -608,24 +712,28 @@ def register(sub) -> None:
                    "%(default).0s")
     p.set_defaults(func=run_embed)
 
+
+def _register_properties(sub, fmt) -> None:
     p = sub.add_parser("properties", help="per-behaviour n, class balance, distinguishability, concentration, trace",
-                       description="The authors' per-behaviour properties (THEORY.md §2) of an emb.npz — n, "
+                       description="The authors' per-behaviour properties (docs/theory.md §2.3) of an emb.npz — n, "
                        "n_pos, n_neg, p_pos, distinguishability, concentration, trace — printed as a table, and "
                        "the (K, K) priority-gap matrix.", formatter_class=fmt)
     p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed`")
     p.add_argument("--out", default=None,
                    help="also write the per-behaviour table to this CSV file (default: print only)%(default).0s")
     p.add_argument("--out-gap", default=None,
-                   help="write the (K, K) priority-gap matrix (THEORY.md §2) to this CSV file, one row per "
+                   help="write the (K, K) priority-gap matrix (docs/theory.md §2.3) to this CSV file, one row per "
                    "behaviour (default: not written)%(default).0s")
     p.set_defaults(func=run_properties)
 
-    p = sub.add_parser("fit", help="Gaussian fit of an emb.npz → THEORY.md distribution .npz",
+
+def _register_fit(sub, fmt) -> None:
+    p = sub.add_parser("fit", help="Gaussian fit of an emb.npz → distribution .npz (docs/theory.md §2.4)",
                        description="Fit class-conditional Gaussians per behaviour (sample means and covariances) "
-                       "and write the THEORY.md §2 .npz that `dpo-sims simulate --dist` and a sweep with "
+                       "and write the docs/theory.md §2.4 .npz that `dpo-sims simulate --dist` and a sweep with "
                        "distribution = \"file\" read.", formatter_class=fmt)
     p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed`")
-    p.add_argument("--out", required=True, help="output distribution .npz (THEORY.md §2 layout; required)"
+    p.add_argument("--out", required=True, help="output distribution .npz (docs/theory.md §2.4 layout; required)"
                    "%(default).0s")
     p.add_argument("--shrinkage", default="none",
                    help="covariance shrinkage of each class covariance S: none (sample covariance), ledoit-wolf "
@@ -653,13 +761,34 @@ def run_embed(args) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    data = persona_io.load_persona(args.data, args.behaviors, args.limit)
+    fmt = getattr(args, "data_format", "persona")
+    answers, confidence = None, None
+    if fmt == "trl":
+        from . import trl_data
+
+        if not args.data or len(args.data) != 1:
+            raise ValueError("--format trl reads one file or folder: pass --data FILE.jsonl|FILE.parquet|DIR")
+        trl = trl_data.load_trl(args.data[0], behavior_column=args.behavior_column,
+                                confidence_column=args.confidence_column, behaviors=args.behaviors,
+                                limit=args.limit, split=args.split)
+        data, answers, confidence = trl.data, trl.answers, trl.confidence
+    elif fmt == "persona":
+        for flag, v in (("--behavior-column", args.behavior_column), ("--confidence-column", args.confidence_column),
+                        ("--split", args.split)):
+            if v is not None:
+                raise ValueError(f"{flag} applies to --format trl only; add --format trl or drop {flag}")
+        data = persona_io.load_persona(args.data, args.behaviors, args.limit)
+    else:
+        raise ValueError(f"--format {fmt!r}: choose persona or trl")
     if data.skipped:
         print(data.summary(), file=sys.stderr)
     stats: dict = {}
     cache = False if args.no_cache else args.cache_dir
     emb = embed_persona(data, args.model, backend=args.backend, batch_size=args.batch_size, cache_dir=cache,
-                        template=args.template, device=args.device, stats=stats)
+                        template=args.template, device=args.device, stats=stats, answers=answers,
+                        authors_compat=args.authors_compat)
+    if confidence is not None:
+        emb = dataclasses.replace(emb, confidence=confidence).validate()
     emb.save(args.out)
     if stats["embedded"]:
         rate = stats["embedded"] / max(stats["seconds"], 1e-9)

@@ -10,7 +10,7 @@ object per line with (at least) the fields
 - ``answer_not_matching_behavior``: the other one.
 
 Im & Li (ICML 2024) take the matching answer as the chosen response, so the
-preference label (THEORY.md §1) is ``s = +1`` when ``answer_matching_behavior``
+preference label (docs/theory.md §1.1) is ``s = +1`` when ``answer_matching_behavior``
 is " Yes" (chosen = a = "Yes") and ``s = −1`` when it is " No".
 
 Bad input is handled per file: a file with a missing field, an answer other
@@ -38,6 +38,8 @@ __all__ = [
     "PersonaFile",
     "PersonaData",
     "default_data_dir",
+    "data_dir_candidates",
+    "data_dir_hint",
     "resolve_files",
     "read_persona_file",
     "load_persona",
@@ -139,17 +141,57 @@ class PersonaData:
         return "\n".join(lines)
 
 
-def default_data_dir() -> Path:
-    """Where the persona files are looked for when no path is given.
+def data_dir_candidates() -> list[tuple[str, Path]]:
+    """The places :func:`default_data_dir` looks for the persona folder, in order: ``(label, path)``.
 
-    ``$DPO_DYNAMICS_PERSONA`` if set, else ``shared/data/persona`` beside the
-    repository (``<repo>/../shared/data/persona``, the layout of this project's
-    checkouts and CI).
+    1. ``$DPO_DYNAMICS_PERSONA`` when set (then the only candidate: an explicit choice);
+    2. the source checkout of this package: ``<repo>/../shared/data/persona`` (an editable
+       install, or running from the checkout);
+    3. ``shared/data/persona`` in the current directory or any folder above it — so a
+       non-editable ``pip install .`` run from inside the checkout (``<repo>/../shared``)
+       still finds it.
+
+    (The command-line flag, ``--data``, comes before all of these.)
     """
     env = os.environ.get(_DATA_ENV)
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "persona"
+        return [(f"${_DATA_ENV}", Path(env))]
+    out = [("the source checkout", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "persona")]
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was removed
+        return out
+    for a in (cwd, *cwd.parents):
+        cand = a / "shared" / "data" / "persona"
+        if all(cand != p for _, p in out):
+            out.append(("the current directory or above", cand))
+    return out
+
+
+def default_data_dir() -> Path:
+    """Where the persona files are looked for when no path is given (no ``--data``).
+
+    The first existing folder of :func:`data_dir_candidates` (``$DPO_DYNAMICS_PERSONA``,
+    then the source checkout's ``../shared/data/persona``, then ``shared/data/persona`` in
+    the current directory or above); when none exists, the first candidate (so the error
+    names it; :func:`data_dir_hint` says where else was looked).
+    """
+    cands = data_dir_candidates()
+    for _, path in cands:
+        if path.is_dir():
+            return path
+    return cands[0][1]
+
+
+def data_dir_hint(flag: str | None = "--data") -> str:
+    """One line for errors: where the persona folder was looked for, and how to point at it
+    (``flag``: the command's option for a data path, or None when it has none)."""
+    cands = data_dir_candidates()
+    alt = f" or pass {flag} DIR" if flag else ""
+    if cands[0][0].startswith("$"):
+        return f"${_DATA_ENV}={cands[0][1]} is not a folder of persona .jsonl files; fix it{alt}"
+    return (f"no persona folder found (looked in {cands[0][1]} and shared/data/persona in the current directory "
+            f"and above); set ${_DATA_ENV}=DIR{alt}")
 
 
 def resolve_files(data: str | os.PathLike | Sequence[str | os.PathLike] | None,
@@ -182,7 +224,7 @@ def resolve_files(data: str | os.PathLike | Sequence[str | os.PathLike] | None,
         elif p.is_file():
             files.append(p)
         else:
-            hint = f" (set ${_DATA_ENV} or pass --data)" if data is None else ""
+            hint = f"; {data_dir_hint()}" if data is None else ""
             raise FileNotFoundError(f"persona data path {str(p)!r} does not exist{hint}")
     if not files:
         raise ValueError(f"no .jsonl files in {[str(p) for p in entries]}; pass a persona directory or .jsonl files")

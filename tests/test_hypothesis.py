@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the invariants of the model (THEORY.md §1, §3, §4).
+"""Property-based tests (hypothesis) of the invariants of the model (docs/theory.md §1, §3, §4).
 
 * C1 exactness: the first population GD step from δ = 0 is η β m̄ for ANY distribution.
 * C3: the accuracy bound never exceeds the exact Gaussian accuracy, for any head u.

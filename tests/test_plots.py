@@ -217,7 +217,7 @@ def test_plot_variables_without_a_step_dimension(sweep_store, tmp_path, capsys):
     code = main(["plot", str(sweep_store), "--y", "priority_gap", "--x", "lr", "--at-step", "3"])
     assert code == 2 and "--at-step 3: priority_gap has no step dimension" in capsys.readouterr().err
 
-    # against a grid axis: Δ_k = ‖μ⁺ − μ⁻‖ is the configured distinguishability (THEORY.md §2), for every lr
+    # against a grid axis: Δ_k = ‖μ⁺ − μ⁻‖ is the configured distinguishability (docs/theory.md §2.3), for every lr
     fig, ax = plt.subplots()
     plot_metric(ax, ds, "behavior_distinguishability", x="distinguishability", hue="lr")
     assert len(ax.lines) == 2 and ax.get_xlabel() == "distinguishability"

@@ -16,8 +16,11 @@ from sims.embed import EmbeddingSet
 
 D = 4
 N = 1000
-# (kind, distinguishability): Gaussian classes, and two-point classes (not Gaussian) along e1
-KINDS = (("gauss", 0.8), ("gauss", 1.6), ("two-point", 0.8), ("two-point", 1.6))
+# (kind, distinguishability): Gaussian classes, two-point classes (not Gaussian) along e1, and two Gaussian
+# behaviours with the same Δ and the same covariance trace, the variance along the mean direction e1 (par)
+# or across it (perp): C1's first-order term cannot tell them apart, their covariances can
+KINDS = (("gauss", 0.8), ("gauss", 1.6), ("two-point", 0.8), ("two-point", 1.6), ("par", 1.2), ("perp", 1.2))
+ANISO_VAR = {"par": (1.0, 0.1, 0.1, 0.1), "perp": (0.1, 0.4, 0.4, 0.4)}  # per-axis variances, trace 1.3
 SPREAD = 1.2  # two-point offset ±SPREAD along e1, larger than Δ/2: half of each class is on the wrong side
 
 
@@ -28,6 +31,8 @@ def _synthetic(seed=0):
         s = np.tile([1, -1], N // 2)
         if kind == "gauss":
             x = rng.normal(size=(N, D)) * 0.6
+        elif kind in ANISO_VAR:
+            x = rng.normal(size=(N, D)) * np.sqrt(ANISO_VAR[kind])
         else:
             x = rng.normal(size=(N, D)) * 0.05
             x[:, 0] += SPREAD * rng.choice([-1.0, 1.0], N)
@@ -42,7 +47,8 @@ def _synthetic(seed=0):
                         model="synthetic", backend="test", w_answers=w)
 
 
-CONFIG = real.RealConfig(steps=40, early_steps=5, misalign_steps=40, batch_size=64, max_pairs=6)
+# learn_level 0.3 nats: reached by perp1.2 (variance across the mean direction) but never by par1.2
+CONFIG = real.RealConfig(steps=40, early_steps=5, misalign_steps=40, batch_size=64, max_pairs=6, learn_level=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +163,70 @@ def test_priority_table_matches_the_pairs(synthetic_run):
     for r in rows:
         if abs(float(r["priority_gap"])) > 0.5:
             assert int(r["gap_agrees"]) == 1
+
+
+def test_heldout_headline_and_time_to_learn(synthetic_run):
+    """summary.json's headline is the held-out error (recomputed from curves.csv), the in-sample one beside it;
+    time to learn tells par1.2 from perp1.2 (same Δ, same trace), which C1's first-order term and the isotropic
+    control cannot."""
+    emb, out, summary = synthetic_run
+    curves = _curves(out)
+    saved = json.loads((out / "summary.json").read_text())
+    held = [np.max(np.abs(curves[n, "loss", "held_out_sgd"] - curves[n, "loss", "predicted"])) for n in emb.names]
+    ins = [np.max(np.abs(curves[n, "loss", "train_sgd"] - curves[n, "loss", "predicted"])) for n in emb.names]
+    assert saved["heldout_prediction_error"] == pytest.approx(np.median(held), abs=2e-5)
+    assert saved["insample_prediction_error"] == pytest.approx(np.median(ins), abs=2e-5)
+    assert saved["heldout_prediction_error"] > saved["insample_prediction_error"]  # n_eval = 100 vs n_train = 900
+    assert 0 < saved["heldout_loss_se"] < 0.1
+    ttl = saved["time_to_learn"]
+    assert ttl["level"] == 0.3 and ttl["censored_at"] == CONFIG.steps + 1
+    rows = {r["behavior"]: r for r in saved["behaviors"]}
+    for name in emb.names:
+        below = np.flatnonzero(curves[name, "loss", "train_sgd"] < 0.3)
+        expect = float(below[0]) if below.size else None  # NaN → null in summary.json
+        assert rows[name]["time_to_learn_real"] == expect, name
+    par, perp = rows["par1.2"], rows["perp1.2"]
+    # the Gaussian prediction: perp reaches the level within a step of the real run, par never (nor does SGD)
+    assert par["time_to_learn_real"] is None and par["time_to_learn_predicted"] is None
+    assert abs(perp["time_to_learn_predicted"] - perp["time_to_learn_real"]) <= 1
+    # the isotropic control (same means and traces) gives both the same fate; the early drop barely differs
+    assert par["time_to_learn_isotropic"] == perp["time_to_learn_isotropic"] or \
+        (par["time_to_learn_isotropic"] is None and perp["time_to_learn_isotropic"] is None)
+    assert ttl["spearman_predicted_vs_real"] >= ttl["spearman_isotropic_vs_real"]
+    md = (out / "real.md").read_text()
+    assert f"**{saved['heldout_prediction_error']:.4f} nats**" in md and "Time to learn" in md
+
+
+def test_iid_batches_are_fresh_each_step():
+    """batches="iid": one-hot x_i, so coordinate i of δ moves only when pair i is in the batch. One step moves
+    exactly B coordinates (distinct pairs); after n/B steps the per-epoch order has moved each coordinate exactly
+    once (all equal), iid batches almost never do (P = 1/C(8, 4) = 1/70 per seed)."""
+    n, b = 8, 4
+    x = np.eye(n, dtype=np.float32)
+    s = np.ones(n, np.float32)
+    z = np.zeros(n, np.int32)
+    c = 2 * 1.0 * 1.0 * 0.5 / b  # 2 η β σ(0) / B: W_a and W_b each move η β σ(0) x / B, δ = W_a − W_b twice that
+    uneven = 0
+    for seed in range(12):
+        key = jax.random.key(seed)
+        one = dd.trajectory_on_data((x, s, z), (x, s, z), key, num_behaviors=1, beta=1.0, lr=1.0, steps=1,
+                                    batch_size=b, batches="iid")
+        d1 = np.asarray(one.delta[-1])
+        np.testing.assert_allclose(np.sort(d1), [0.0] * (n - b) + [c] * b, atol=1e-7)
+        for mode in ("epoch", "iid"):
+            tr = dd.trajectory_on_data((x, s, z), (x, s, z), key, num_behaviors=1, beta=1.0, lr=1.0, steps=n // b,
+                                       batch_size=b, batches=mode)
+            d = np.asarray(tr.delta[-1])
+            if mode == "epoch":
+                np.testing.assert_allclose(d, c, atol=1e-7)
+            else:
+                uneven += not np.allclose(d, c, atol=1e-7)
+    assert uneven >= 10
+    with pytest.raises(ValueError, match="batches"):
+        dd.trajectory_on_data((x, s, z), (x, s, z), key, num_behaviors=1, beta=1.0, lr=1.0, steps=1, batch_size=b,
+                              batches="shuffle")
+    with pytest.raises(ValueError, match="batches"):
+        real.RealConfig(batches="shuffle").validate()
 
 
 def test_misalignment_starts_at_log2_and_unlearns(synthetic_run):

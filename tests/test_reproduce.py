@@ -1,4 +1,4 @@
-"""`dpo-sims reproduce --quick`: files, and the report's numbers ordered as THEORY.md C1/C2/C4/C5 say.
+"""`dpo-sims reproduce --quick`: files, and the report's numbers ordered as claims C1/C2/C4/C5 of docs/theory.md §4 say.
 
 Budget: one quick run (~20 s on 2 idle cores) plus a resumed rerun.
 """

@@ -75,34 +75,49 @@ def test_different_config_refused_unless_overwrite(tmp_path):
 
 
 def test_unreadable_and_foreign_paths(tmp_path):
+    # a store dpo-sims wrote whose group metadata is now damaged: refused, --overwrite suggested and honoured
     broken = tmp_path / "broken.zarr"
-    broken.mkdir()
+    ResultsStore.prepare(broken, resolved=CFG, make_template=_template)
     (broken / ".zgroup").write_text("{not json")
+    (broken / ".zmetadata").unlink()
     with pytest.raises(UsageError, match=r"broken.zarr is not a readable results store.*--overwrite"):
         ResultsStore.prepare(broken, resolved=CFG, make_template=_template)
     store, _ = ResultsStore.prepare(broken, resolved=CFG, make_template=_template, overwrite=True)
     assert store.done().shape == (3,)
 
+    # the same damage in a directory dpo-sims did not write (no dpo_sims_store marker): never touched, and
+    # --overwrite is not suggested (it would not be honoured)
+    stray = tmp_path / "stray.zarr"
+    stray.mkdir()
+    (stray / ".zgroup").write_text("{not json")
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="dpo-sims did not write") as e:
+            ResultsStore.prepare(stray, resolved=CFG, make_template=_template, overwrite=overwrite)
+        assert "--overwrite" not in str(e.value)
+    assert (stray / ".zgroup").read_text() == "{not json"
+
     foreign = tmp_path / "mydata"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
     for overwrite in (False, True):
-        with pytest.raises(UsageError, match="not a zarr store; refusing"):
+        with pytest.raises(UsageError, match="did not write; refusing to touch it|did not write .*refusing"):
             ResultsStore.prepare(foreign, resolved=CFG, make_template=_template, overwrite=overwrite)
     assert (foreign / "precious.txt").read_text() == "keep me"
 
     a_file = tmp_path / "file.zarr"
     a_file.write_text("x")
-    with pytest.raises(UsageError, match="not a zarr store"):
+    with pytest.raises(UsageError, match="is a file, not a directory"):
         ResultsStore.prepare(a_file, resolved=CFG, make_template=_template, overwrite=True)
+    assert a_file.read_text() == "x"
 
     with pytest.raises(UsageError, match="no such results store"):
         open_results(tmp_path / "missing.zarr")
 
     plain = tmp_path / "plain.zarr"
     xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(plain, zarr_format=2)
-    with pytest.raises(UsageError, match="not a dpo-sims results store|not a readable results store"):
+    with pytest.raises(UsageError, match="not a dpo-sims results store|not a readable results store") as e:
         ResultsStore.read_attrs(plain)
+    assert "--overwrite" not in str(e.value)
 
 
 def test_available_memory_is_plausible():
@@ -129,8 +144,9 @@ def test_unreadable_store_hint_fits_the_command(tmp_path, capsys):
     from sims.cli import main
 
     broken = tmp_path / "broken.zarr"
-    broken.mkdir()
+    ResultsStore.prepare(broken, resolved=CFG, make_template=_template)  # a store dpo-sims wrote, then damaged
     (broken / ".zgroup").write_text("{not json")
+    (broken / ".zmetadata").unlink()
     with pytest.raises(UsageError, match=r"not a readable results store.*; pass --overwrite to replace it"):
         ResultsStore.read_attrs(broken)
     with pytest.raises(UsageError, match=r"not a readable results store.*; look elsewhere$"):

@@ -1,4 +1,4 @@
-"""Studies of issue 7 (sims/study.py) and the custom-distribution tutorial (docs/custom-distributions.md)."""
+"""The open-question studies (sims/study.py) and the custom-distribution tutorial (docs/custom-distributions.md)."""
 import json
 import math
 import re

@@ -182,7 +182,7 @@ def test_build_distribution_matches_independent_construction():
     for name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight"):
         np.testing.assert_array_equal(np.asarray(getattr(one, name)), np.asarray(getattr(ref, name)))
     assert not np.asarray(head1.w_ref).any()
-    # flip on a file distribution with asymmetric covariances swaps means and covariances
+    # flip on a file distribution with asymmetric covariances: s → −s swaps means and covariances and p → 1 − p
     rng = np.random.default_rng(0)
     a1, a2 = rng.normal(size=(2, 3, 3))
     fd = dd.GaussianPreference.create(rng.normal(size=(1, 3)), rng.normal(size=(1, 3)), a1 @ a1.T, a2 @ a2.T, p_pos=0.7)
@@ -190,7 +190,40 @@ def test_build_distribution_matches_independent_construction():
                                                                             flip_labels=True))
     np.testing.assert_allclose(np.asarray(flipped.mu_pos), np.asarray(fd.mu_neg), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(flipped.cov_neg), np.asarray(fd.cov_pos), rtol=1e-6)
-    assert float(flipped.p_pos[0]) == pytest.approx(0.7)
+    assert float(flipped.p_pos[0]) == pytest.approx(0.3)  # was 0.7 (p kept: z ≠ −z when p ≠ 1/2)
+
+
+def test_sweep_flip_is_z_to_minus_z_on_an_asymmetric_file_distribution(tmp_path):
+    """flip_labels through a whole population sweep equals an independent float64 z → −z reference.
+
+    p = (0.3, 0.8) and off-centre classes with unequal covariances: the old flip (swap the classes,
+    keep p) and no flip are ≥ 1e-2 nats away after 30 steps from δ_0 = init_offset · m̄/‖m̄‖ (asserted in
+    tests/test_transforms.py; from δ_0 = 0 the losses on z and −z coincide).
+    """
+    from test_transforms import BETA, LR, OFFSET, STEPS, _asymmetric, _np_dpo_population_loss, _unit_mbar, _z_components
+
+    mp, mn, cp, cn, p, w = _asymmetric()
+    dd.GaussianPreference.create(mp, mn, cp, cn, p, w).save(tmp_path / "asym.npz")
+    cfg = sw.load_config(_write(tmp_path, f"""
+        name = "flip"
+        [base]
+        mode = "population"
+        distribution = "file"
+        path = "asym.npz"
+        beta = {BETA}
+        lr = {LR}
+        steps = {STEPS}
+        init_offset = {OFFSET}
+        [grid]
+        flip_labels = [false, true]
+    """))
+    res = sw.run_sweep(cfg, tmp_path / "flip.zarr", progress=False)
+    ds = xr.open_zarr(res.path).load()
+    got = ds["population_loss"].values  # (flip, step)
+    for j, sign in enumerate((1.0, -1.0)):
+        ref = _np_dpo_population_loss(_z_components(mp, mn, cp, cn, p, w, sign=sign), BETA, LR, STEPS,
+                                      OFFSET * _unit_mbar(mp, mn, p, w))  # δ_0 along the unflipped m̄
+        np.testing.assert_allclose(got[j], ref, rtol=1e-4, atol=1e-5)  # float32 sweep
 
 
 def test_seed_key_derivation():
@@ -253,7 +286,7 @@ def _small_direct(delta1):
     u = 0.4 * mbar / np.linalg.norm(mbar)
     head = dd.Head.create(np.stack([u / 2, -u / 2]))
     cov = np.array([0.8, 1.1])[:, None, None] ** 2 * np.eye(3)
-    dist = dd.GaussianPreference.create(mn, mp, cov, cov, p_pos=p, weight=w)  # flip_labels: chosen ↔ rejected
+    dist = dd.GaussianPreference.create(mn, mp, cov, cov, p_pos=1 - p, weight=w)  # flip_labels: s → −s
     return dist, head
 
 

@@ -54,6 +54,8 @@ def _same(a, b):
     a, b = xr.open_zarr(a).load(), xr.open_zarr(b).load()
     assert set(a.data_vars) == set(b.data_vars)
     for name in a.data_vars:
+        if name == "chunk_digest":  # checksums of the exact values: they differ with float rounding
+            continue
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-6, atol=1e-7, err_msg=name)
     return a
 

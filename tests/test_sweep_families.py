@@ -1,4 +1,4 @@
-"""Interventions and distribution families as sweep axes (issue 7), and a custom family through the sweep.
+"""Interventions and distribution families as sweep axes, and a custom family through the sweep.
 
 Every check compares the stored sweep to an independent computation: direct core calls
 (``dynamics.population_trajectory`` / ``dynamics.empirical_trajectory``) on distributions built

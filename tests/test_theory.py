@@ -45,7 +45,7 @@ def make_dist(rng, k, d, *, kind="full", balanced=False, symmetric=False):
 
 
 def np_components(pr):
-    """(π (2K,), m (2K, d), S (2K, d, d)) of z = s x, straight from THEORY.md §2."""
+    """(π (2K,), m (2K, d), S (2K, d, d)) of z = s x, straight from docs/theory.md §2.2."""
     k = len(pr["w"])
     pi = np.concatenate([pr["w"] * pr["p"], pr["w"] * (1 - pr["p"])])
     m = np.concatenate([pr["mu_pos"], -pr["mu_neg"]])
@@ -62,7 +62,7 @@ def np_mean_cov(pr):
 
 
 def np_loss(loss, h, beta, eps):
-    """ℓ(h) from THEORY.md §1, written out independently in float64 NumPy."""
+    """ℓ(h) from docs/theory.md §1.3, written out independently in float64 NumPy."""
     logsig = lambda x: -np.logaddexp(0.0, -x)
     if loss == "sigmoid":
         return -logsig(beta * h)
@@ -369,7 +369,11 @@ def test_first_step_below():
     curve = jnp.array([0.9, 0.7, 0.55, 0.49, 0.3])
     assert int(th.first_step_below(curve, 0.5)) == 3
     assert int(th.first_step_below(curve, 0.5, step=jnp.arange(5) * 10)) == 30
-    assert int(th.first_step_below(curve, 0.1)) == -1
+    assert np.isnan(float(th.first_step_below(curve, 0.1)))  # "never" is NaN (one convention, first_step_where)
+    # batched over leading axes; a hit at record 0 is step 0, not "never"
+    got = np.asarray(th.first_step_below(jnp.array([[0.4, 0.6], [0.6, 0.6], [0.6, 0.4]]), 0.5, step=[5, 9]))
+    np.testing.assert_array_equal(got[[0, 2]], [5.0, 9.0])
+    assert np.isnan(got[1])
 
 
 A_STEPS = 12  # alignment steps of the C5 tests (both share their compiled programs)
@@ -418,6 +422,13 @@ def test_validate_quick_cli_passes_and_writes_report(tmp_path):
     assert main(["validate", "--quick", "--out", str(out), "--seed", "0"]) == 0
     text = (out / "validation.md").read_text()
     assert "| C0 |" in text and "| C5 |" in text and "FAIL" not in text
+    import json
+
+    rows = json.loads((out / "validation.json").read_text())
+    assert {r["claim"] for r in rows} == {"C0", "C1", "C2", "C3", "C4", "C5"}
+    c4 = {r["setting"] for r in rows if r["claim"] == "C4" and r["kind"] in ("evidence", "identity")}
+    assert c4 == {"symmetric", "midpoints", "per_behavior_sigma", "anisotropic"}
+    assert all(r["passed"] for r in rows if r["gated"])
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 6 and all((out / p).stat().st_size > 5000 for p in pngs)
 
