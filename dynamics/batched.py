@@ -888,16 +888,7 @@ def _population_one(m_z, root, pi, beh, beta, lr, eps, d0, u_ref, noise, lam, *,
 
         def step_fn(carry):
             t, delta, state = carry
-            f = lambda dl: -2.0 * grad(dl)
-
-            def rk4(_, dl):
-                k1 = f(dl)
-                k2 = f(dl + 0.5 * dt * k1)
-                k3 = f(dl + 0.5 * dt * k2)
-                k4 = f(dl + dt * k3)
-                return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-            return t + 1, jax.lax.fori_loop(0, substeps, rk4, delta), state
+            return t + 1, reduced.gradient_flow(grad, delta, dt, substeps), state
 
         state0 = ()
     else:

@@ -148,6 +148,20 @@ def _point_values(mu, beta, pos, e_softplus, e_sigmoid_neg, e_ss):
             jnp.where(pos, e_ss, point_sg * (1.0 - point_sg)))
 
 
+def _side_range(ustar, sign):
+    """Distances ``r = |u − u*| ≥ 0`` covered on one side of the kink ``u* = −μ/σ`` within ``|u| ≤ L``.
+
+    Right side (``sign = +1``): ``u ∈ [max(u*, −L), L]``, where ``a > 0``; left side (``sign = −1``):
+    ``u ∈ [−L, min(u*, L)]``, where ``a < 0``. Returns ``(r_lo, r_hi)`` with ``r_hi ≥ r_lo``
+    (an empty side has ``r_hi = r_lo``).
+    """
+    if sign > 0:
+        r_lo = jnp.maximum(0.0, -_L - ustar)
+        return r_lo, jnp.maximum(_L - ustar, r_lo)
+    r_lo = jnp.maximum(0.0, ustar - _L)
+    return r_lo, jnp.maximum(ustar + _L, r_lo)
+
+
 def _fast(mu, sigma, beta):
     mu, sigma, beta = _prepare(mu, sigma, beta)
     dtype = mu.dtype
@@ -164,13 +178,7 @@ def _fast(mu, sigma, beta):
     w01 = jnp.asarray(_GLF_W, dtype)
     t_nodes, t_weights, t_signs = [], [], []
     for sign in (1.0, -1.0):
-        # right side (sign = +1): u ∈ [max(u*, −L), L], a > 0; left side: u ∈ [−L, min(u*, L)], a < 0
-        if sign > 0:
-            r_lo = jnp.maximum(0.0, -_L - ustar)
-            r_hi = jnp.maximum(_L - ustar, r_lo)
-        else:
-            r_lo = jnp.maximum(0.0, ustar - _L)
-            r_hi = jnp.maximum(ustar + _L, r_lo)
+        r_lo, r_hi = _side_range(ustar, sign)
         t_max = _T_BREAKS[-1]
         t_lo, t_hi = jnp.minimum(bss * r_lo, t_max), jnp.minimum(bss * r_hi, t_max)
         bp = jnp.clip(jnp.asarray(_T_BREAKS, dtype), t_lo[..., None], t_hi[..., None])  # stays sorted
@@ -234,13 +242,7 @@ def _reference(mu, sigma, beta):
     step_part = cdf_negz  # E[1[a < 0]]
 
     def side(sign):
-        # right side (sign=+1): u in [max(u*, -L), L], a > 0; left: u in [-L, min(u*, L)]
-        if sign > 0:
-            r_lo = jnp.maximum(0.0, -_L - ustar)
-            r_hi = jnp.maximum(_L - ustar, r_lo)
-        else:
-            r_lo = jnp.maximum(0.0, ustar - _L)
-            r_hi = jnp.maximum(ustar + _L, r_lo)
+        r_lo, r_hi = _side_range(ustar, sign)
         r, w = _side_nodes(r_lo, r_hi, r0)
         u = ustar[..., None, None] + sign * r
         x = bs[..., None, None] * r  # = β|a| when u* is not clipped

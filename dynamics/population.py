@@ -265,16 +265,7 @@ def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, op
 
         def step_fn(carry):
             t, delta = carry
-            f = lambda dl: -2.0 * grad(dl)
-
-            def rk4(_, dl):
-                k1 = f(dl)
-                k2 = f(dl + 0.5 * dt * k1)
-                k3 = f(dl + 0.5 * dt * k2)
-                k4 = f(dl + dt * k3)
-                return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-            return t + 1, jax.lax.fori_loop(0, substeps, rk4, delta)
+            return t + 1, reduced.gradient_flow(grad, delta, dt, substeps)
 
         carry0 = (jnp.int32(0), d0)
         get_delta = lambda c: c[1]

@@ -132,3 +132,26 @@ def per_behavior(weight, values, behavior, k: int):
     """Component values ``(J,)`` → per-behaviour conditional means ``(k,)`` with weights ``weight (J,)``."""
     tot = jax.ops.segment_sum(weight, behavior, k)
     return jax.ops.segment_sum(weight * values, behavior, k) / tot
+
+
+def gradient_flow(grad, delta, dt, substeps: int):
+    """``substeps`` classical RK4 steps of the gradient flow ``dδ/dτ = −2∇L(δ)`` (docs/theory.md §5.7).
+
+    Args:
+      grad: ``δ ↦ ∇_δ L`` (population gradient), same shape in and out.
+      delta: reduced head δ, any shape. dt: RK4 step size in τ (``lr / substeps``).
+
+    Returns:
+      δ after ``substeps`` steps, the shape of ``delta``. The factor 2 is the head convention
+      ``W = [δ/2; −δ/2]``, whose flow in W is ``dδ/dτ = −2∇_δ L``.
+    """
+    f = lambda dl: -2.0 * grad(dl)
+
+    def rk4(_, dl):
+        k1 = f(dl)
+        k2 = f(dl + 0.5 * dt * k1)
+        k3 = f(dl + 0.5 * dt * k2)
+        k4 = f(dl + dt * k3)
+        return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    return jax.lax.fori_loop(0, substeps, rk4, delta)
