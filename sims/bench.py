@@ -68,6 +68,9 @@ def run(args) -> int:
             raise UsageError(f"--json {args.json}: {parent} is a file, not a directory; pick another path")
         if not parent.is_dir():
             raise UsageError(f"--json {args.json}: directory {parent} does not exist; create it or pick another path")
+        from .store import check_output_file
+
+        check_output_file(args.json, option="--json")  # a directory, or an unwritable place: refused before the run
     suite = _import_suite()
     rep = suite.run_benchmarks(args.quick, rss=not args.no_rss, torch=not args.no_torch)
     s = rep["sizes"]

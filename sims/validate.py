@@ -1197,8 +1197,9 @@ def run(args) -> int:
 
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}; pass a non-negative integer")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} is a file; pass a directory (it is created if missing)")
+    from sims.store import check_output_dir
+
+    check_output_dir(args.out)  # an ancestor that is a file, or an unwritable location: refused before any run
     claims = tuple(c.strip().upper() for c in str(args.claims).split(",") if c.strip())
     bad = [c for c in claims if c not in CLAIMS]
     if bad or not claims:

@@ -125,7 +125,8 @@ def _tiny_causal_lm(path, arch, vocab=WORDS):
     torch.manual_seed(0)
     if arch == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2, n_head=2))
+            vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2, n_head=2,
+            bos_token_id=1, eos_token_id=1))  # ids inside the tiny vocabulary: no config warning on stderr
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,

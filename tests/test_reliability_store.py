@@ -442,3 +442,18 @@ def test_cli_resume_after_editing_only_the_description(tiny, tmp_path, capsys):
     cap = capsys.readouterr()
     assert code == 0 and "(0 computed, 2 resumed)" in cap.out, cap.err
     assert xr.open_zarr(store).attrs["description"] == "now with a description"
+
+
+def test_validate_and_bench_outputs_are_checked_before_any_run(tmp_path, capsys):
+    """``validate --out`` under a file and ``bench --json`` naming a directory or a place under a file are
+    refused in one line (exit 2) before any battery or benchmark runs."""
+    afile = tmp_path / "afile"
+    afile.write_text("user data\n")
+    (tmp_path / "userdir").mkdir()
+    err = _one_line_error(capsys, ["validate", "--claims", "C0", "--out", str(afile / "v")])
+    assert "is a file, not a directory" in err and "--out" in err
+    err = _one_line_error(capsys, ["bench", "--quick", "--json", str(tmp_path / "userdir")])
+    assert "is a directory" in err and "--json" in err
+    err = _one_line_error(capsys, ["bench", "--quick", "--json", str(afile / "x.json")])
+    assert "is a file" in err
+    assert afile.read_text() == "user data\n"
