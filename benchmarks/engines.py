@@ -285,8 +285,9 @@ def sweep_cli_callable(c: int, n: int, d: int, steps: int, *, seed: int = 0):
 
     The same C configurations (Δ_c = ``linspace(0.5, 2, C)``, σ = 1, β, η as the engine row, one
     seed, N training and N held-out pairs, records at steps 0 and T) from a config to a zarr store,
-    in one chunk: the config is parsed, planned, built (``build_distribution``), run through
-    ``dynamics.trajectories`` and written. ``run(out)`` writes a new store at ``out``.
+    in the sweep's automatic chunks (the engine's own chunking policy, :mod:`dynamics.chunking`):
+    the config is parsed, planned, built (``build_distribution``), run through
+    ``dynamics.trajectories`` and written chunk by chunk. ``run(out)`` writes a new store at ``out``.
     Returns ``(run, temporary directory)``.
     """
     import tempfile
@@ -299,7 +300,7 @@ def sweep_cli_callable(c: int, n: int, d: int, steps: int, *, seed: int = 0):
                         "grid": {"distinguishability": [float(v) for v in distinguishabilities(c)]}},
                        source="<bench>")
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-sweep-"))
-    run = lambda out: run_sweep(cfg, out, chunk_size=c, progress=False, log=lambda msg: None,
+    run = lambda out: run_sweep(cfg, out, progress=False, log=lambda msg: None,
                                 compile_mode="optimized")
     run(tmp / "warmup.zarr")  # compile
     return run, tmp

@@ -8,12 +8,13 @@ Data flow: distribution → dynamics (population or empirical) → metrics.
 """
 from .distributions import Components, GaussianPreference, diagonal_cov, isotropic_cov, priority_gap
 from .priority import loss_series, predicted_loss_drop, priority_score  # covariance-aware (docs/theory.md §4.4)
-from .empirical import METRICS, EmpiricalTrajectory, empirical_trajectory, flip_labels, trajectory_on_data
+from .empirical import METRICS, EmpiricalTrajectory, empirical_trajectory, noisy_labels, trajectory_on_data
 from .families import ELLIPTICAL_FAMILIES, EllipticalPreference, GaussianMixturePreference
 from .fitting import BehaviorProperties, behavior_properties, fit_gaussian, ledoit_wolf_shrinkage
 from .gaussian_integrals import sigmoid_family_expectations
 from .head import Head
-from .losses import LOSSES, expected_loss_terms, loss_fn, loss_grad_fn
+from .losses import (LOSSES, OBJECTIVES, Objective, expected_loss_terms, get_objective, loss_fn, loss_grad_fn,
+                     objective_loss)
 from . import theory, transforms
 from .engine import FallbackWarning, trajectories  # one entry point per layer (implementation=)
 from .population import (
@@ -25,17 +26,23 @@ from .population import (
     population_metrics,
     population_trajectory,
 )
+from .vocab import (VocabTrajectory, logp_change_decomposition, pair_tokens, per_pair_metrics, sft_then_dpo,
+                    vocab_empirical_trajectory)  # V-token empirical layer (docs/theory.md §7)
+from .vocab_population import vocab_population_trajectory  # V-token population layer (docs/theory.md §7)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GaussianPreference", "Components", "Head", "isotropic_cov", "diagonal_cov", "priority_gap",
     "LOSSES", "loss_fn", "loss_grad_fn", "expected_loss_terms", "sigmoid_family_expectations",
+    "objective_loss", "get_objective", "Objective", "OBJECTIVES",
     "population_trajectory", "PopulationTrajectory", "population_loss", "population_gradient",
     "population_metrics", "gaussian_accuracy",
-    "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS", "flip_labels",
+    "empirical_trajectory", "trajectory_on_data", "EmpiricalTrajectory", "METRICS", "noisy_labels",
     "EllipticalPreference", "GaussianMixturePreference", "ELLIPTICAL_FAMILIES", "training_components",
     "fit_gaussian", "behavior_properties", "BehaviorProperties", "ledoit_wolf_shrinkage",
     "theory", "transforms",
     "trajectories", "FallbackWarning",
+    "vocab_population_trajectory", "vocab_empirical_trajectory", "VocabTrajectory", "per_pair_metrics",
+    "pair_tokens", "sft_then_dpo", "logp_change_decomposition",
 ]

@@ -1,6 +1,9 @@
 """Shared training machinery for the population and empirical layers."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -73,19 +76,46 @@ def check_batch_size(batch_size, n: int):
     return None if batch_size == n else batch_size
 
 
+#: ``(every, callback)`` while a program is traced inside :func:`progress_ticks`, else ``None``
+_PROGRESS_TICKS = contextvars.ContextVar("dpo_progress_ticks", default=None)
+
+
+@contextlib.contextmanager
+def progress_ticks(every: int, callback):
+    """Trace progress reports into the training loops: while a program is *traced* inside this
+    context, :func:`run_recorded` calls ``callback(step)`` on the host (``jax.debug.callback``,
+    unordered) after every ``every``-th step of each loop it runs. Programs traced outside it carry
+    no callback (and cost nothing); ``dpo-sims sweep`` uses it for its progress within a chunk.
+    """
+    token = _PROGRESS_TICKS.set((check_int("every", every), callback))
+    try:
+        yield
+    finally:
+        _PROGRESS_TICKS.reset(token)
+
+
 def run_recorded(step_fn, record_fn, carry, steps: int, record_every: int):
     """Run ``steps`` steps of ``step_fn``; record ``record_fn`` at steps 0, r, 2r, …, steps.
 
     Returns ``(final_carry, records)`` with records stacked on a leading
-    ``(steps // record_every + 1,)`` axis.
+    ``(steps // record_every + 1,)`` axis. Inside :func:`progress_ticks` (at trace time) the loop
+    also reports its step to the host every ``every`` steps.
     """
     rec0 = record_fn(carry)
+    ticks = _PROGRESS_TICKS.get()
 
-    def outer(c, _):
-        c = jax.lax.fori_loop(0, record_every, lambda i, cc: step_fn(cc), c)
+    def inner(r, i, cc):
+        cc = step_fn(cc)
+        if ticks is not None:
+            t = r * record_every + i + 1
+            jax.lax.cond(t % ticks[0] == 0, lambda: jax.debug.callback(ticks[1], t), lambda: None)
+        return cc
+
+    def outer(c, r):
+        c = jax.lax.fori_loop(0, record_every, lambda i, cc: inner(r, i, cc), c)
         return c, record_fn(c)
 
-    carry, recs = jax.lax.scan(outer, carry, None, length=steps // record_every)
+    carry, recs = jax.lax.scan(outer, carry, jnp.arange(steps // record_every, dtype=jnp.int32))
     recs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b], axis=0), rec0, recs)
     return carry, recs
 

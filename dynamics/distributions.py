@@ -212,9 +212,9 @@ class GaussianPreference:
         check_int("d", d)
         check_positive("distinguishability", distinguishability, allow_zero=True)
         check_positive("sigma", sigma)
-        delta = _float(distinguishability)
-        e1 = jnp.zeros((1, d), dtype=delta.dtype).at[0, 0].set(1.0)
-        return cls.create(delta / 2 * e1, -delta / 2 * e1, isotropic_cov(sigma, d, 1),
+        dist_ = _float(distinguishability)
+        e1 = jnp.zeros((1, d), dtype=dist_.dtype).at[0, 0].set(1.0)
+        return cls.create(dist_ / 2 * e1, -dist_ / 2 * e1, isotropic_cov(sigma, d, 1),
                           p_pos=p, names=[name])
 
     @classmethod
@@ -244,10 +244,10 @@ class GaussianPreference:
         """
         from . import transforms
 
-        delta = np.asarray(distinguishability, dtype=float).reshape(-1)
-        k = delta.shape[0]
+        dist_ = np.asarray(distinguishability, dtype=float).reshape(-1)
+        k = dist_.shape[0]
         check_int("d", d, minimum=k)
-        check_positive("distinguishability", delta, allow_zero=True)
+        check_positive("distinguishability", dist_, allow_zero=True)
         check_positive("sigma", sigma)
         if angles is not None and angles_deg is not None:
             raise ValueError("pass angles (radians) or angles_deg (degrees), not both")
@@ -269,7 +269,7 @@ class GaussianPreference:
                 f"angles give a cosine matrix that is not PSD (min eigenvalue {evals.min():.3g}); "
                 "no set of directions has these angles — widen or narrow them"
             )
-        b = transforms.preference_directions(_float(delta), cosm, d)
+        b = transforms.preference_directions(_float(dist_), cosm, d)
         return cls.create(b / 2, -b / 2, isotropic_cov(sigma, d, k), p_pos=p, weight=weight, names=names)
 
     # ------------------------------------------------------------- validate
@@ -387,9 +387,9 @@ class GaussianPreference:
         comp = 2 * behavior + jnp.where(pos, 0, 1)
         means = jnp.stack([self.mu_pos, self.mu_neg], axis=1).reshape(2 * k, d)
         roots = _psd_sqrt(jnp.stack([self.cov_pos, self.cov_neg], axis=1).reshape(2 * k, d, d))
-        eps = jax.random.normal(kx, (n, d), dtype=self.mu_pos.dtype)
+        z = jax.random.normal(kx, (n, d), dtype=self.mu_pos.dtype)
         # x = μ_c + R_c ε ; computed per component then gathered (memory n·2K·d)
-        xs = jnp.einsum("nj,cij->nci", eps, roots)
+        xs = jnp.einsum("nj,cij->nci", z, roots)
         x = means[comp] + jnp.take_along_axis(xs, comp[:, None, None], axis=1)[:, 0]
         return x, s, behavior.astype(jnp.int32)
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import divergence
-from ._checks import check_choice, check_finite, check_int, is_concrete, traced_check_hparams
+from ._checks import (check_choice, check_finite, check_in_range, check_int, is_concrete, one_line_check_errors,
+                      traced_check_hparams)
 from ._train import (check_batch_size, check_schedule, epoch_orders, make_optimizer, minibatch_index, run_recorded,
                      segment_mean)
 from .distributions import GaussianPreference
@@ -30,7 +31,7 @@ from .losses import loss_fn, loss_grad_fn, validate_loss
 from .population import as_default_float, check_interventions
 from . import reduced
 
-__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "flip_labels", "check_sample", "check_pair_values",
+__all__ = ["EmpiricalTrajectory", "empirical_trajectory", "trajectory_on_data", "noisy_labels", "check_sample", "check_pair_values",
            "METRICS"]
 
 METRICS = (
@@ -72,7 +73,7 @@ class EmpiricalTrajectory:
 
 
 def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None, steps: int,
-                         loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
+                         loss: str = "sigmoid", label_smoothing=0.0, batch_size: int | None = None, optimizer=None,
                          n_eval: int = 2048, record_every: int = 1, head: Head | None = None,
                          path: str = "reduced", label_noise=None, loss_weight=None) -> EmpiricalTrajectory:
     """Sample ``n`` training and ``n_eval`` held-out pairs from ``dist`` and train the head.
@@ -84,7 +85,7 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
       beta: β > 0. lr: learning rate on ``W`` (> 0; unused when ``optimizer`` is an
         optax transformation).
       steps: optimizer steps (static). record_every: cadence (static, divides steps).
-      loss, eps: objective (``dynamics.LOSSES``) and its ε.
+      loss, label_smoothing: objective (``dynamics.LOSSES``) and its ε.
       batch_size: ``None`` or ``0`` (as in sweep configs) = full-batch GD; else minibatch SGD
         with per-epoch reshuffling and the last partial batch dropped (``1 ≤ B ≤ n``, static).
       optimizer: ``None``/"sgd", "momentum", "adam", or an optax
@@ -109,7 +110,7 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
     # everything that can be checked without data, before sampling and compiling
-    validate_loss(loss, beta, eps)
+    validate_loss(loss, beta, label_smoothing)
     check_choice("path", path, ("reduced", "full"))
     check_schedule(steps, record_every, lr, optimizer)
     check_batch_size(batch_size, n)
@@ -124,15 +125,20 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     held_out = check_sample(dist.sample(key_eval, n_eval), n_eval, "sample(key, n_eval)", dim=dim)
     noisy_s = None
     if label_noise is not None:
-        noisy_s = flip_labels(jax.random.fold_in(key, 1), train[1], train[2], label_noise)
+        noisy_s = noisy_labels(jax.random.fold_in(key, 1), train[1], train[2], label_noise)
     return trajectory_on_data(train, held_out, key_batch, num_behaviors=k, beta=beta,
-                              lr=lr, steps=steps, loss=loss, eps=eps, batch_size=batch_size,
+                              lr=lr, steps=steps, loss=loss, label_smoothing=label_smoothing, batch_size=batch_size,
                               optimizer=optimizer, record_every=record_every, head=head, path=path,
                               train_labels=noisy_s, loss_weight=loss_weight)
 
 
-def flip_labels(key, s, behavior, rate):
-    """Flip each label ``s (n,)`` with probability ``rate[behavior] (K,)`` → ``(n,)``."""
+def noisy_labels(key, s, behavior, rate):
+    """Random label noise: flip each label ``s (n,)`` with probability ``rate[behavior] (K,)`` → ``(n,)``.
+
+    ``key``: a PRNG key; ``behavior (n,)`` int behaviour indices. The deterministic
+    misalignment flip of every label is :func:`dynamics.transforms.flip_labels`.
+    Source: docs/theory.md §5.1 (label noise).
+    """
     flip = jax.random.uniform(key, s.shape) < jnp.asarray(rate)[behavior]
     return jnp.where(flip, -s, s)
 
@@ -191,10 +197,10 @@ def check_pair_values(name: str, x, s, behavior, num_behaviors: int | None = Non
 
 
 def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=None, steps: int,
-                       loss: str = "sigmoid", eps=0.0, batch_size: int | None = None, optimizer=None,
+                       loss: str = "sigmoid", label_smoothing=0.0, batch_size: int | None = None, optimizer=None,
                        record_every: int = 1, head: Head | None = None,
                        path: str = "reduced", train_labels=None, loss_weight=None,
-                       batches: str = "epoch") -> EmpiricalTrajectory:
+                       batches: str = "epoch", label_confidence=None, batch_index=None) -> EmpiricalTrajectory:
     """Train the head on given data (e.g. real embeddings) and record metrics.
 
     Args:
@@ -208,13 +214,20 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
         (a fresh random batch of distinct pairs each step,
         ``jax.random.choice(fold_in(key, t), n, (batch_size,), replace=False)``, as in
         Im & Li's code).
+      label_confidence: optional ``(n,)`` soft labels ``c ∈ [1/2, 1]``: pair i is trained on
+        ``c_i ℓ(h_i) + (1 − c_i) ℓ(−h_i)`` (for ``sigmoid``, TRL's cdpo loss with a per-pair
+        ``label_smoothing = 1 − c_i``); metrics stay on the hard labels. In expectation it is a
+        label flip with rate ``1 − c`` (docs/theory.md §5).
+      batch_index: optional ``(steps, B)`` int rows in ``[0, n)`` of each step's minibatch (the
+        caller's own order, e.g. ``sims.real.union_batch_index``); overrides ``batches``, and
+        ``batch_size`` must be ``None`` or ``B``.
       Other arguments as in :func:`empirical_trajectory`.
 
     Raises:
       ValueError: shapes that disagree, labels not in {±1}, NaN in x, behaviour indices outside
         [0, num_behaviors), bad hyper-parameters.
     """
-    validate_loss(loss, beta, eps)
+    validate_loss(loss, beta, label_smoothing)
     check_choice("path", path, ("reduced", "full"))
     check_choice("batches", batches, ("epoch", "iid"))
     steps, record_every = check_schedule(steps, record_every, lr, optimizer)
@@ -238,9 +251,29 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
     if jnp.shape(s_fit) != jnp.shape(s):
         raise ValueError(f"train_labels has shape {jnp.shape(s_fit)}; expected {jnp.shape(s)}")
     lam = jnp.ones((num_behaviors,)) if loss_weight is None else jnp.asarray(loss_weight)
-    return _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, num_behaviors=num_behaviors,
-                  loss=loss, optimizer=optimizer, steps=steps, record_every=record_every,
-                  batch_size=batch_size, path=path, batches=batches)
+    c_fit = None
+    if label_confidence is not None:
+        c_fit = jnp.asarray(label_confidence)
+        if c_fit.shape != (n,):
+            raise ValueError(f"label_confidence has shape {c_fit.shape}; expected one confidence per training pair, "
+                             f"(n,) = ({n},)")
+        check_in_range("label_confidence", c_fit, 0.5, 1.0)
+    if batch_index is not None:
+        batch_index = jnp.asarray(batch_index)
+        if batch_index.ndim != 2 or batch_index.shape[0] != steps or not jnp.issubdtype(batch_index.dtype, jnp.integer):
+            raise ValueError(f"batch_index has shape {batch_index.shape} and dtype {batch_index.dtype}; expected "
+                             f"integers of shape (steps, B) = ({steps}, B)")
+        if batch_size is not None and batch_size != batch_index.shape[1]:
+            raise ValueError(f"batch_size={batch_size} but batch_index has B = {batch_index.shape[1]}; pass "
+                             "batch_size=None or B")
+        if is_concrete(batch_index) and batch_index.size and not bool(jnp.all((batch_index >= 0) & (batch_index < n))):
+            raise ValueError(f"batch_index holds rows outside [0, n) = [0, {n}); index the training pairs")
+        batch_size = int(batch_index.shape[1])
+    with one_line_check_errors():  # a traced bad β/η/ε (the caller's vmap runs here): one ValueError line
+        return _train(x, s, beh, xe, se, behe, key, beta, lr, label_smoothing, head, s_fit, lam,
+                      num_behaviors=num_behaviors, loss=loss, optimizer=optimizer, steps=steps,
+                      record_every=record_every, batch_size=batch_size, path=path, batches=batches,
+                      c_fit=c_fit, index=batch_index)
 
 
 _split_metrics = reduced.split_metrics  # shared with the factored engine (dynamics.reduced)
@@ -249,13 +282,15 @@ _choose = reduced.choose
 
 @partial(jax.jit, static_argnames=("num_behaviors", "loss", "optimizer", "steps", "record_every",
                                    "batch_size", "path", "batches"))
-def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num_behaviors, loss, optimizer,
-           steps, record_every, batch_size, path, batches="epoch"):
+def _train(x, s, beh, xe, se, behe, key, beta, lr, label_smoothing, head, s_fit, lam, *, num_behaviors, loss, optimizer,
+           steps, record_every, batch_size, path, batches="epoch", c_fit=None, index=None):
     dtype = jnp.result_type(x.dtype, float)
     x, s, xe, se, s_fit = (v.astype(dtype) for v in (x, s, xe, se, s_fit))
     lam_i = jnp.asarray(lam, dtype)[beh]  # per-pair loss weight
-    beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
-    beta, lr, eps = traced_check_hparams(beta, lr, eps, loss=loss, optimizer=optimizer)
+    soft = c_fit is not None  # per-pair soft labels: c ℓ(h) + (1 − c) ℓ(−h)
+    c_i = c_fit.astype(dtype) if soft else jnp.ones_like(lam_i)
+    beta, lr, label_smoothing = (jnp.asarray(v, dtype) for v in (beta, lr, label_smoothing))
+    beta, lr, label_smoothing = traced_check_hparams(beta, lr, label_smoothing, loss=loss, optimizer=optimizer)
     w_ref, w0 = head.w_ref.astype(dtype), head.w_init.astype(dtype)
     a, b = head.a, head.b
     u_ref = w_ref[a] - w_ref[b]
@@ -263,7 +298,7 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
     n = x.shape[0]
     opt = make_optimizer(optimizer, lr)
     norms = jnp.linalg.norm(x, axis=1)
-    mk = partial(_split_metrics, k=num_behaviors, beta=beta, loss=loss, eps=eps)
+    mk = partial(_split_metrics, k=num_behaviors, beta=beta, loss=loss, label_smoothing=label_smoothing)
 
     def ref_logps(xx, ss):
         lp = jax.nn.log_softmax(xx @ w_ref.T, axis=-1)
@@ -274,13 +309,16 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         "eval": (xe, se, behe, xe @ w0.T, ref_logps(xe, se)),
     }
 
-    table = None if batch_size is None or batches == "iid" else epoch_orders(key, n, batch_size, steps, x.shape[1])
+    table = None if batch_size is None or batches == "iid" or index is not None else \
+        epoch_orders(key, n, batch_size, steps, x.shape[1])
 
     def take(t, *arrays):
         """The step-t minibatch of each array (per-epoch reshuffle, last partial batch dropped; or iid)."""
         if batch_size is None:
             return arrays
-        if batches == "iid":
+        if index is not None:
+            idx = index[t]
+        elif batches == "iid":
             idx = jax.random.choice(jax.random.fold_in(key, t), n, (batch_size,), replace=False)
         else:
             idx = minibatch_index(t, key, table, n, batch_size)
@@ -289,9 +327,12 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
     if path == "reduced":
         def step_fn(carry):
             t, delta, state, cum = carry
-            xb, sb, nb, lb = take(t, x, s_fit, norms, lam_i)
+            xb, sb, nb, lb, cb = take(t, x, s_fit, norms, lam_i, c_i)
             h = sb * (xb @ delta)
-            g = jnp.mean((lb * loss_grad_fn(loss, h, beta, eps) * sb)[:, None] * xb, axis=0)
+            gl = loss_grad_fn(loss, h, beta, label_smoothing)
+            if soft:  # d/dh [c ℓ(h) + (1 − c) ℓ(−h)]
+                gl = cb * gl - (1 - cb) * loss_grad_fn(loss, -h, beta, label_smoothing)
+            g = jnp.mean((lb * gl * sb)[:, None] * xb, axis=0)
             delta, state = reduced.reduced_update(opt, g, state, delta, d0)
             return t + 1, delta, state, cum + jnp.mean(nb)
 
@@ -311,17 +352,21 @@ def _train(x, s, beh, xe, se, behe, key, beta, lr, eps, head, s_fit, lam, *, num
         final, (step, metrics, deltas, cum, _) = run_recorded(step_fn, record, carry0, steps, record_every)
         weights = head.replace(w_ref=w_ref, w_init=w0).with_delta(final[1])
     else:
-        def dpo_loss(w, xb, sb, rc, rr, lb):
+        def dpo_loss(w, xb, sb, rc, rr, lb, cb):
             lp = jax.nn.log_softmax(xb @ w.T, axis=-1)
             lc, lr_ = _choose(sb, lp[:, a], lp[:, b])
-            return jnp.mean(lb * loss_fn(loss, (lc - rc) - (lr_ - rr), beta, eps))
+            hh = (lc - rc) - (lr_ - rr)
+            ell = loss_fn(loss, hh, beta, label_smoothing)
+            if soft:  # the other label of the pair swaps chosen and rejected: h → −h
+                ell = cb * ell + (1 - cb) * loss_fn(loss, -hh, beta, label_smoothing)
+            return jnp.mean(lb * ell)
 
         x_ref_c, x_ref_r = ref_logps(x, s_fit)
 
         def step_fn(carry):
             t, w, state, cum = carry
-            xb, sb, nb, rc, rr, lb = take(t, x, s_fit, norms, x_ref_c, x_ref_r, lam_i)
-            g = jax.grad(dpo_loss)(w, xb, sb, rc, rr, lb)
+            xb, sb, nb, rc, rr, lb, cb = take(t, x, s_fit, norms, x_ref_c, x_ref_r, lam_i, c_i)
+            g = jax.grad(dpo_loss)(w, xb, sb, rc, rr, lb, cb)
             updates, state = opt.update(g, state, w)
             return t + 1, w + updates, state, cum + jnp.mean(nb)
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import batched as bt
+from . import chunking
 from ._checks import check_choice, check_int, is_concrete
 from ._train import check_batch_size, check_schedule
 from .distributions import GaussianPreference
@@ -201,7 +202,7 @@ def _np(tree):
 
 # --------------------------------------------------------------------------- the entry point
 def trajectories(batch, key=None, *, layer: str = "population", implementation: str = "auto", beta, lr=None,
-                 steps: int, loss: str = "sigmoid", eps=0.0, optimizer=None, record_every: int = 1,
+                 steps: int, loss: str = "sigmoid", label_smoothing=0.0, optimizer=None, record_every: int = 1,
                  head: Head | None = None, label_noise=None, loss_weight=None, method: str = "gd",
                  substeps: int = 4, n: int | None = None, n_eval: int = 2048, batch_size: int | None = None,
                  path: str = "reduced", cov_kind: str | None = None, return_delta: bool = True,
@@ -220,7 +221,7 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
       implementation: "auto" (factored where it applies, else vmap with one
         :class:`FallbackWarning` line), "vmap" or "factored" (refused with one ValueError line
         where it does not apply).
-      beta, lr, eps: scalars or ``(C,)`` (β > 0, η > 0 unless ``optimizer`` is an optax
+      beta, lr, label_smoothing: scalars or ``(C,)`` (β > 0, η > 0 unless ``optimizer`` is an optax
         transformation, ε for cdpo/robust).
       steps, record_every, loss, optimizer: as the core (static).
       head: ``None`` (zero head), a :class:`Head` shared by all configurations, or one with
@@ -252,7 +253,7 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
     c = _num_configs(batch)
     k, d = _dims(batch)
     dtype = np.dtype(jnp.result_type(float))
-    eager = is_concrete((batch, head, beta, lr, eps, label_noise, loss_weight)) and (key is None or is_concrete(key))
+    eager = is_concrete((batch, head, beta, lr, label_smoothing, label_noise, loss_weight)) and (key is None or is_concrete(key))
     if layer == "population":
         check_choice("method", method, ("gd", "flow"))
         if method == "flow" and optimizer is not None:
@@ -273,9 +274,9 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
     beta_c = _per_config("beta", beta, c, dtype, eager)
     lr_c = _per_config("lr", 0.0 if lr is None else lr, c, dtype, eager,
                        positive=lr is not None and not hasattr(optimizer, "update"))
-    eps_c = _per_config("eps", eps, c, dtype, eager, positive=False)
+    ls_c = _per_config("label_smoothing", label_smoothing, c, dtype, eager, positive=False)
     if eager:
-        bt._check_eps(loss, eps_c)
+        bt._check_label_smoothing(loss, ls_c)
     noise_c = _per_behavior("label_noise", label_noise, c, k, dtype, eager)
     lam_c = _per_behavior("loss_weight", loss_weight, c, k, dtype, eager)
 
@@ -293,7 +294,7 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
         else:
             impl = "factored"
     common = dict(c=c, k=k, d=d, dtype=dtype, eager=eager, beta=beta_c, lr=None if lr is None else lr_c,
-                  eps=eps_c, noise=noise_c, lam=lam_c, steps=steps, record_every=record_every, loss=loss,
+                  label_smoothing=ls_c, noise=noise_c, lam=lam_c, steps=steps, record_every=record_every, loss=loss,
                   optimizer=optimizer, head=head)
     if impl == "vmap":
         if layer == "population":
@@ -307,33 +308,33 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
 
 
 # --------------------------------------------------------------------------- vmap of the core
-def _vmap_inputs(batch, head, c, d, dtype, beta, lr, eps, noise, lam):
+def _vmap_inputs(batch, head, c, d, dtype, beta, lr, label_smoothing, noise, lam):
     dists = batch.stacked() if isinstance(batch, bt.PreferenceBatch) else batch
     w_ref, w0, a, b, _ = _stacked_head(head, c, d, dtype)
     heads = Head(w_ref, w0, a, b)
     axes = lambda v: None if v is None else 0
-    args = (dists, heads, beta, eps, lr, noise, lam)
+    args = (dists, heads, beta, label_smoothing, lr, noise, lam)
     return args, (0, 0, 0, 0, axes(lr), axes(noise), axes(lam))
 
 
-def _vmap_population(batch, *, c, k, d, dtype, eager, beta, lr, eps, noise, lam, steps, record_every, loss,
+def _vmap_population(batch, *, c, k, d, dtype, eager, beta, lr, label_smoothing, noise, lam, steps, record_every, loss,
                      optimizer, head, method, substeps):
-    args, axes = _vmap_inputs(batch, head, c, d, dtype, beta, lr, eps, noise, lam)
+    args, axes = _vmap_inputs(batch, head, c, d, dtype, beta, lr, label_smoothing, noise, lam)
 
     def one(dist, h, b_, e_, l_, ln, lw):
-        return population_trajectory(dist, beta=b_, lr=l_, eps=e_, steps=steps, loss=loss, optimizer=optimizer,
+        return population_trajectory(dist, beta=b_, lr=l_, label_smoothing=e_, steps=steps, loss=loss, optimizer=optimizer,
                                      record_every=record_every, head=h, method=method, substeps=substeps,
                                      label_noise=ln, loss_weight=lw)
 
     return jax.vmap(one, in_axes=axes)(*args)
 
 
-def _vmap_empirical(batch, key, *, c, k, d, dtype, eager, beta, lr, eps, noise, lam, steps, record_every, loss,
+def _vmap_empirical(batch, key, *, c, k, d, dtype, eager, beta, lr, label_smoothing, noise, lam, steps, record_every, loss,
                     optimizer, head, n, n_eval, batch_size, path):
-    args, axes = _vmap_inputs(batch, head, c, d, dtype, beta, lr, eps, noise, lam)
+    args, axes = _vmap_inputs(batch, head, c, d, dtype, beta, lr, label_smoothing, noise, lam)
 
     def one(dist, h, b_, e_, l_, ln, lw, kk):
-        return empirical_trajectory(dist, kk, n=n, n_eval=n_eval, beta=b_, lr=l_, eps=e_, steps=steps, loss=loss,
+        return empirical_trajectory(dist, kk, n=n, n_eval=n_eval, beta=b_, lr=l_, label_smoothing=e_, steps=steps, loss=loss,
                                     batch_size=batch_size, optimizer=optimizer, record_every=record_every, head=h,
                                     path=path, label_noise=ln, loss_weight=lw)
 
@@ -346,7 +347,7 @@ def _steps(c, steps, record_every, eager):
     return np.broadcast_to(step, (c,) + step.shape) if eager else jnp.broadcast_to(jnp.asarray(step), (c,) + step.shape)
 
 
-def _factored_population(batch, *, c, k, d, dtype, eager, beta, lr, eps, noise, lam, steps, record_every, loss,
+def _factored_population(batch, *, c, k, d, dtype, eager, beta, lr, label_smoothing, noise, lam, steps, record_every, loss,
                          optimizer, head, method, substeps, cov_kind, return_delta, chunk_size, executor):
     comps, kind = _population_components(batch, cov_kind, eager, dtype)
     w_ref, w0, a, b, _ = _stacked_head(head, c, d, dtype)
@@ -356,7 +357,7 @@ def _factored_population(batch, *, c, k, d, dtype, eager, beta, lr, eps, noise, 
     statics = dict(k=k, steps=steps, record_every=record_every, loss=loss, optimizer=optimizer, cov_kind=kind,
                    return_delta=bool(return_delta), method=method, substeps=substeps,
                    label_noise=noise is not None, loss_weight=lam is not None)
-    cfg = {"beta": beta, "lr": lr, "eps": eps, "d0": d0, "u_ref": u_ref, **comps}
+    cfg = {"beta": beta, "lr": lr, "label_smoothing": label_smoothing, "d0": d0, "u_ref": u_ref, **comps}
     if noise is not None:
         cfg["label_noise"] = noise
     if lam is not None:
@@ -365,9 +366,10 @@ def _factored_population(batch, *, c, k, d, dtype, eager, beta, lr, eps, noise, 
         cfg = _np(cfg)
         if chunk_size is None:
             j = cfg["pi"].shape[1]
-            per = dtype.itemsize * (j * (d + (d * d if kind in ("full", "cov") else d)) * 4 + 1344 * j * 8
-                                    + (steps // record_every + 1) * (d + 6 + 3 * k))
-            chunk_size = int(max(1, min(c, 16384, bt._CHUNK_BUDGET // per)))
+            per = chunking.population_bytes_per_config(d=d, num_components=j, num_behaviors=k,
+                                                       records=steps // record_every + 1,
+                                                       full_cov=kind in ("full", "cov"), itemsize=dtype.itemsize)
+            chunk_size = chunking.configs_per_chunk(c, per, cap=chunking.MAX_POPULATION_CHUNK)
         fn = bt._compiled(bt._population_kernel, tuple(sorted(statics.items())), executor)
         out = bt._run_chunks(fn, cfg, {}, c, min(check_int("chunk_size", chunk_size), c),
                              getattr(executor, "chunk_multiple", 1))
@@ -377,12 +379,12 @@ def _factored_population(batch, *, c, k, d, dtype, eager, beta, lr, eps, noise, 
                                 delta=out.get("delta"), diverged=out["diverged"])
 
 
-def _factored_empirical(batch, key, *, c, k, d, dtype, eager, beta, lr, eps, noise, lam, steps, record_every, loss,
+def _factored_empirical(batch, key, *, c, k, d, dtype, eager, beta, lr, label_smoothing, noise, lam, steps, record_every, loss,
                         optimizer, head, n, n_eval, batch_size, cov_kind, return_delta, chunk_size, executor):
     pb, mixing, nu = _gaussian_of(batch, cov_kind, eager, dtype)
     if eager:  # the chunked, validated driver (NumPy in and out)
         traj = bt.batched_empirical_trajectory(
-            pb, key, n=n, n_eval=n_eval, beta=beta, lr=lr, steps=steps, loss=loss, eps=eps, batch_size=batch_size,
+            pb, key, n=n, n_eval=n_eval, beta=beta, lr=lr, steps=steps, loss=loss, label_smoothing=label_smoothing, batch_size=batch_size,
             optimizer=optimizer, record_every=record_every, head=head,
             draws="common" if key.ndim == 0 else "independent", chunk_size=chunk_size, return_delta=return_delta,
             executor=executor, label_noise=noise, loss_weight=lam, mixing=mixing,
@@ -397,7 +399,7 @@ def _factored_empirical(batch, key, *, c, k, d, dtype, eager, beta, lr, eps, noi
         vocab = w0.shape[1]
         empty = jnp.zeros((c, vocab, 0), dtype)
         cfg = {name: getattr(pb, name) for name in ("mu_pos", "mu_neg", "root_pos", "root_neg", "p_pos", "weight")}
-        cfg.update(beta=beta, lr=jnp.zeros((c,), dtype) if lr is None else lr, eps=eps,
+        cfg.update(beta=beta, lr=jnp.zeros((c,), dtype) if lr is None else lr, label_smoothing=label_smoothing,
                    d0=w0[:, a] - w0[:, b] - u_ref, w0=w0 if head_kind == "general" else empty,
                    w_ref=w_ref if head_kind != "zero" else empty)
         shared = {}

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import divergence
-from ._checks import check_choice, check_int, traced_check_hparams
-from ._train import check_schedule, make_optimizer, run_recorded
+from ._checks import check_choice, check_int, one_line_check_errors, traced_check_hparams
+from ._train import check_schedule, run_recorded
 from .distributions import Components, GaussianPreference
 from .gaussian_integrals import normal_cdf
 from .head import Head
@@ -143,7 +143,7 @@ def gaussian_accuracy(dist: GaussianPreference, u):
     return jnp.sum(comps.weight * pc), _per_behavior(comps, pc, dist.num_behaviors)
 
 
-def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", label_smoothing=0.0,
                     label_noise=None, loss_weight=None):
     """Population training objective ``L(δ) = E[λ_k ℓ(s̃ δᵀx)]`` in nats; ``delta (d,)`` → scalar.
 
@@ -151,23 +151,20 @@ def population_loss(dist: GaussianPreference, delta, *, beta, loss="sigmoid", ep
     """
     comps = training_components(dist, label_noise, loss_weight)
     mu, sigma = _margin_moments(comps, delta)
-    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, eps)
+    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, label_smoothing)
     return jnp.sum(comps.weight * e_l)
 
 
-def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+def population_gradient(dist: GaussianPreference, delta, *, beta, loss="sigmoid", label_smoothing=0.0,
                         label_noise=None, loss_weight=None):
     """Stein-form population gradient ``∇_δ L(δ)``, shape ``(d,)`` (docs/theory.md §3.1)."""
     comps = training_components(dist, label_noise, loss_weight)
     mu, sigma = _margin_moments(comps, delta)
-    _, e_l1, e_l2 = expected_loss_terms(loss, mu, sigma, beta, eps)
     s_delta = jnp.einsum("cij,j->ci", comps.cov, delta)
-    return jnp.einsum("c,ci->i", comps.weight * e_l1, comps.mean) + jnp.einsum(
-        "c,ci->i", comps.weight * e_l2, s_delta
-    )
+    return reduced.stein_gradient(loss, mu, sigma, comps.weight, comps.mean, s_delta, beta, label_smoothing)
 
 
-def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid", eps=0.0,
+def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid", label_smoothing=0.0,
                        u_ref=None, delta_init=None, label_noise=None, loss_weight=None):
     """Exact population metrics at one head ``δ (d,)`` (dict; see PopulationTrajectory).
 
@@ -179,12 +176,12 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
     u_ref = jnp.zeros_like(delta) if u_ref is None else u_ref
     delta_init = jnp.zeros_like(delta) if delta_init is None else delta_init
     mu, sigma = _margin_moments(comps, delta)
-    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, eps)
+    e_l, _, _ = expected_loss_terms(loss, mu, sigma, beta, label_smoothing)
     racc_c = _prob_positive(mu, sigma)
     pmu, psig = _margin_moments(comps, delta + u_ref)
     pacc_c = _prob_positive(pmu, psig)
     per = lambda v: _per_behavior(comps, v, k)
-    grad = population_gradient(dist, delta, beta=beta, loss=loss, eps=eps, label_noise=label_noise,
+    grad = population_gradient(dist, delta, beta=beta, loss=loss, label_smoothing=label_smoothing, label_noise=label_noise,
                                loss_weight=loss_weight)
     return {
         "loss": jnp.sum(comps.weight * e_l),
@@ -200,7 +197,7 @@ def population_metrics(dist: GaussianPreference, delta, *, beta, loss="sigmoid",
 
 
 def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int, loss: str = "sigmoid",
-                          eps=0.0, optimizer=None, record_every: int = 1, head: Head | None = None,
+                          label_smoothing=0.0, optimizer=None, record_every: int = 1, head: Head | None = None,
                           method: str = "gd", substeps: int = 4, label_noise=None,
                           loss_weight=None) -> PopulationTrajectory:
     """Population (N → ∞) training trajectory of the last-layer head.
@@ -211,7 +208,7 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
       lr: learning rate η > 0 on ``W`` (vmappable).
       steps: number of steps (static). record_every: record cadence (static;
         must divide ``steps``).
-      loss: one of ``dynamics.LOSSES``. eps: ε for ``cdpo`` / ``robust``.
+      loss: one of ``dynamics.LOSSES``. label_smoothing: ε for ``cdpo`` / ``robust``.
       optimizer: ``None`` (GD), "sgd", "momentum", "adam", or an
         ``optax.GradientTransformation`` (static) applied to the exact
         population gradient.
@@ -229,7 +226,7 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
 
     Source: docs/theory.md §3.1.
     """
-    validate_loss(loss, beta, eps)
+    validate_loss(loss, beta, label_smoothing)
     check_choice("method", method, ("gd", "flow"))
     if method == "flow" and optimizer is not None:
         raise ValueError("method='flow' is plain gradient flow; pass optimizer=None")
@@ -245,44 +242,29 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
     if head.dim != dist.dim:
         raise ValueError(f"head has d = {head.dim} but the distribution has d = {dist.dim}; they must match")
     lr = 0.0 if lr is None else lr
-    return _population(dist, head, beta, lr, eps, label_noise, loss_weight, loss=loss, optimizer=optimizer,
-                       steps=steps, record_every=record_every, method=method, substeps=substeps)
+    with one_line_check_errors():  # a traced bad β/η/ε (the caller's vmap runs here): one ValueError line
+        return _population(dist, head, beta, lr, label_smoothing, label_noise, loss_weight, loss=loss,
+                           optimizer=optimizer, steps=steps, record_every=record_every, method=method,
+                           substeps=substeps)
 
 
 @partial(jax.jit, static_argnames=("loss", "optimizer", "steps", "record_every", "method", "substeps"))
-def _population(dist, head, beta, lr, eps, label_noise, loss_weight, *, loss, optimizer, steps, record_every,
+def _population(dist, head, beta, lr, label_smoothing, label_noise, loss_weight, *, loss, optimizer, steps, record_every,
                 method, substeps):
     dtype = dist.components().mean.dtype
-    beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
-    beta, lr, eps = traced_check_hparams(beta, lr, eps, loss=loss, optimizer=optimizer)
+    beta, lr, label_smoothing = (jnp.asarray(v, dtype) for v in (beta, lr, label_smoothing))
+    beta, lr, label_smoothing = traced_check_hparams(beta, lr, label_smoothing, loss=loss, optimizer=optimizer)
     d0 = head.delta_init.astype(dtype)
     u_ref = head.u_ref.astype(dtype)
-    grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, eps=eps,
+    grad = lambda delta: population_gradient(dist, delta, beta=beta, loss=loss, label_smoothing=label_smoothing,
                                              label_noise=label_noise, loss_weight=loss_weight)
-
-    if method == "flow":
-        dt = lr / substeps
-
-        def step_fn(carry):
-            t, delta = carry
-            return t + 1, reduced.gradient_flow(grad, delta, dt, substeps)
-
-        carry0 = (jnp.int32(0), d0)
-        get_delta = lambda c: c[1]
-    else:
-        opt = make_optimizer(optimizer, lr)
-
-        def step_fn(carry):
-            t, delta, state = carry
-            delta, state = reduced.reduced_update(opt, grad(delta), state, delta, d0)
-            return t + 1, delta, state
-
-        carry0 = (jnp.int32(0), d0, opt.init(jnp.zeros_like(d0)))
-        get_delta = lambda c: c[1]
+    step_fn, state0 = reduced.population_step(grad, method=method, optimizer=optimizer, lr=lr, d0=d0,
+                                              substeps=substeps)
+    carry0 = (jnp.int32(0), d0, state0)
 
     def record(carry):
-        delta = get_delta(carry)
-        m = population_metrics(dist, delta, beta=beta, loss=loss, eps=eps, u_ref=u_ref, delta_init=d0,
+        delta = carry[1]
+        m = population_metrics(dist, delta, beta=beta, loss=loss, label_smoothing=label_smoothing, u_ref=u_ref, delta_init=d0,
                                label_noise=label_noise, loss_weight=loss_weight)
         return carry[0], m, delta
 

@@ -28,9 +28,9 @@ from .theory import _check_loss_args
 __all__ = ["loss_series", "predicted_loss_drop", "priority_score"]
 
 
-def _loss_derivatives_at_zero(loss: str, beta, eps, dtype):
+def _loss_derivatives_at_zero(loss: str, beta, label_smoothing, dtype):
     """``(ℓ'(0), ℓ''(0))`` by autodiff of ``loss_fn`` (hinge: ``ℓ''(0) = 0``, its kink is at 1/β)."""
-    f = lambda h: loss_fn(loss, h, beta, eps)
+    f = lambda h: loss_fn(loss, h, beta, label_smoothing)
     zero = jnp.zeros((), dtype)
     return jax.grad(f)(zero), jax.grad(jax.grad(f))(zero)
 
@@ -43,7 +43,7 @@ def _behavior_second_moments(dist):
     return jax.ops.segment_sum(c.weight[:, None, None] * m_c, c.behavior, dist.num_behaviors) / tot[:, None, None]
 
 
-def loss_series(dist: GaussianPreference, *, beta, loss: str = "sigmoid", eps=0.0):
+def loss_series(dist: GaussianPreference, *, beta, loss: str = "sigmoid", label_smoothing=0.0):
     """First two τ-derivatives of each behaviour's population loss along the gradient flow at δ = 0.
 
     Along ``dδ/dτ = −2∇L(δ)`` (population GD with step η in time ``τ = η t``) from
@@ -61,7 +61,7 @@ def loss_series(dist: GaussianPreference, *, beta, loss: str = "sigmoid", eps=0.
 
     Args:
       dist: distribution with ``components()`` (vmappable), K behaviours in dimension d.
-      beta: β > 0. loss: name in ``dynamics.LOSSES`` (static). eps: ε for cdpo/robust.
+      beta: β > 0. loss: name in ``dynamics.LOSSES`` (static). label_smoothing: ε for cdpo/robust.
 
     Returns:
       ``(rate (K,), curvature (K,))`` in nats per unit τ and nats per unit τ².
@@ -71,9 +71,9 @@ def loss_series(dist: GaussianPreference, *, beta, loss: str = "sigmoid", eps=0.
 
     Source: docs/theory.md §4.4 (covariance-aware priority score).
     """
-    _check_loss_args(loss, beta, eps)
+    _check_loss_args(loss, beta, label_smoothing)
     dtype = dist.components().mean.dtype
-    l1, l2 = _loss_derivatives_at_zero(loss, jnp.asarray(beta, dtype), jnp.asarray(eps, dtype), dtype)
+    l1, l2 = _loss_derivatives_at_zero(loss, jnp.asarray(beta, dtype), jnp.asarray(label_smoothing, dtype), dtype)
     m_k, m_bar = dist.behavior_mean, dist.mean
     mk2 = _behavior_second_moments(dist)
     m2 = jnp.einsum("k,kij->ij", dist.weight, mk2)
@@ -82,7 +82,7 @@ def loss_series(dist: GaussianPreference, *, beta, loss: str = "sigmoid", eps=0.
     return rate, curv
 
 
-def predicted_loss_drop(dist: GaussianPreference, *, beta, horizon, loss: str = "sigmoid", eps=0.0):
+def predicted_loss_drop(dist: GaussianPreference, *, beta, horizon, loss: str = "sigmoid", label_smoothing=0.0):
     """Covariance-aware prediction of ``L_k(0) − L_k(δ(τ))`` at ``τ = horizon``, shape ``(K,)``.
 
     ``D_k(τ) = −r_k τ / (1 + τ |a_k| / (2|r_k|))`` with ``(r_k, a_k)`` from
@@ -93,7 +93,7 @@ def predicted_loss_drop(dist: GaussianPreference, *, beta, horizon, loss: str = 
     has the sign of ``−r_k`` and matches to first order. ``D_k = 0`` when ``r_k = 0``.
 
     Args:
-      dist, beta, loss, eps: as :func:`loss_series`.
+      dist, beta, loss, label_smoothing: as :func:`loss_series`.
       horizon: τ = η × steps ≥ 0 of the prediction (e.g. 0.2 × 20 = 4).
 
     Returns:
@@ -106,7 +106,7 @@ def predicted_loss_drop(dist: GaussianPreference, *, beta, horizon, loss: str = 
     """
     if is_concrete(horizon) and float(horizon) < 0:
         raise ValueError(f"horizon must be >= 0 (τ = lr × steps), got {float(horizon)}")
-    rate, curv = loss_series(dist, beta=beta, loss=loss, eps=eps)
+    rate, curv = loss_series(dist, beta=beta, loss=loss, label_smoothing=label_smoothing)
     tau = jnp.asarray(horizon, rate.dtype)
     absr = jnp.abs(rate)
     safe = jnp.where(absr > 0, absr, 1.0)
@@ -114,7 +114,7 @@ def predicted_loss_drop(dist: GaussianPreference, *, beta, horizon, loss: str = 
     return jnp.where(absr > 0, -rate * tau / denom, 0.0)
 
 
-def priority_score(dist: GaussianPreference, *, beta, horizon, loss: str = "sigmoid", eps=0.0):
+def priority_score(dist: GaussianPreference, *, beta, horizon, loss: str = "sigmoid", label_smoothing=0.0):
     """Covariance-aware priority score between behaviours, ``(K, K)`` antisymmetric in [−1, 1].
 
     ``score_ij = (D_i − D_j) / (|D_i| + |D_j|)`` with ``D`` from
@@ -124,7 +124,7 @@ def priority_score(dist: GaussianPreference, *, beta, horizon, loss: str = "sigm
     covariance through ``M_k``.
 
     Args:
-      dist, beta, horizon, loss, eps: as :func:`predicted_loss_drop`.
+      dist, beta, horizon, loss, label_smoothing: as :func:`predicted_loss_drop`.
 
     Returns:
       ``(K, K)`` array; pairs are compared by sign, agreement is tabulated by ``|score|``.
@@ -134,7 +134,7 @@ def priority_score(dist: GaussianPreference, *, beta, horizon, loss: str = "sigm
 
     Source: docs/theory.md §4.4 (covariance-aware priority score).
     """
-    drop = predicted_loss_drop(dist, beta=beta, horizon=horizon, loss=loss, eps=eps)
+    drop = predicted_loss_drop(dist, beta=beta, horizon=horizon, loss=loss, label_smoothing=label_smoothing)
     diff = drop[:, None] - drop[None, :]
     tot = jnp.abs(drop)[:, None] + jnp.abs(drop)[None, :]
     return jnp.where(tot > 0, diff / jnp.where(tot > 0, tot, 1.0), 0.0)

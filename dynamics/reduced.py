@@ -15,7 +15,10 @@ the rest once (docs/theory.md §1, §3):
 * :func:`reduced_update` — one optax step on δ (``δ − δ_0 = 2Δ``);
 * :func:`weight_change` — ``‖W_t − W_0‖_F = ‖δ_t − δ_0‖ / √2``;
 * :func:`prob_positive`, :func:`safe_sqrt`, :func:`per_behavior` — the
-  population layer's Gaussian margin helpers.
+  population layer's Gaussian margin helpers;
+* :func:`stein_gradient` — the population gradient of Gaussian components (Stein's lemma);
+* :func:`population_step` — one population step (optax on δ, or RK4 gradient flow), the
+  step of both :func:`dynamics.population_trajectory` and the factored population engine.
 
 All functions are pure, act on one configuration and are ``jax.vmap``-able.
 """
@@ -24,12 +27,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _train
 from ._train import segment_mean
 from .gaussian_integrals import normal_cdf
-from .losses import loss_fn, loss_grad_fn
+from .losses import expected_loss_terms, loss_fn, loss_grad_fn
 
 __all__ = ["choose", "split_metrics", "head_logps", "zero_head_logps", "pair_grad_weight", "reduced_update",
-           "weight_change", "prob_positive", "safe_sqrt", "per_behavior"]
+           "weight_change", "prob_positive", "safe_sqrt", "per_behavior", "stein_gradient", "gradient_flow",
+           "population_step"]
 
 
 def choose(s, lp_a, lp_b):
@@ -38,7 +43,7 @@ def choose(s, lp_a, lp_b):
     return jnp.where(pos, lp_a, lp_b), jnp.where(pos, lp_b, lp_a)
 
 
-def split_metrics(h, logp_c, logp_r, ref_c, ref_r, policy_margin, beh, *, k, beta, loss, eps):
+def split_metrics(h, logp_c, logp_r, ref_c, ref_r, policy_margin, beh, *, k, beta, loss, label_smoothing):
     """TRL's metrics of one split of one configuration.
 
     Args:
@@ -47,14 +52,14 @@ def split_metrics(h, logp_c, logp_r, ref_c, ref_r, policy_margin, beh, *, k, bet
       ref_c, ref_r: ``(n,)`` (or scalars) reference log-probs of the same answers.
       policy_margin: ``(n,)`` ``s (W_a − W_b)ᵀx``; its sign is the policy's preference.
       beh: ``(n,)`` behaviour index in ``[0, k)``. k: K (static).
-      beta, loss, eps: the objective (``dynamics.LOSSES``).
+      beta, loss, label_smoothing: the objective (``dynamics.LOSSES``).
 
     Returns:
       dict of scalars (``loss``, ``reward_accuracy``, ``policy_accuracy``,
       ``rewards_chosen``, ``rewards_rejected``, ``rewards_margin``, ``logps_chosen``,
       ``logps_rejected``) and ``(k,)`` per-behaviour means (NaN for an absent behaviour).
     """
-    ell = loss_fn(loss, h, beta, eps)
+    ell = loss_fn(loss, h, beta, label_smoothing)
     nan_or = lambda v: jnp.where(jnp.isnan(v), jnp.nan, (v > 0).astype(h.dtype))  # NaN head: NaN, not 0
     racc = nan_or(h)
     pacc = nan_or(policy_margin)
@@ -93,11 +98,11 @@ def zero_head_logps(x_delta, vocab: int):
     return x_delta / 2.0 - lse, -x_delta / 2.0 - lse, -jnp.log(jnp.asarray(vocab, x_delta.dtype))
 
 
-def pair_grad_weight(loss: str, h, beta, eps):
+def pair_grad_weight(loss: str, h, beta, label_smoothing):
     """``ℓ'(h)``: the per-pair weight of ``s x`` in the gradient of the mean loss (shape of ``h``)."""
     if loss == "sigmoid":  # without the zero linear term of the general form
         return -beta * jax.nn.sigmoid(-beta * h)
-    return loss_grad_fn(loss, h, beta, eps)
+    return loss_grad_fn(loss, h, beta, label_smoothing)
 
 
 def reduced_update(opt, grad, state, delta, d0):
@@ -155,3 +160,52 @@ def gradient_flow(grad, delta, dt, substeps: int):
         return dl + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
 
     return jax.lax.fori_loop(0, substeps, rk4, delta)
+
+
+def stein_gradient(loss: str, mu, sigma, weight, means, s_delta, beta, label_smoothing):
+    """Population gradient ``Σ_j w_j (m_j E[ℓ'(a_j)] + S_j δ E[ℓ''(a_j)])`` → ``(d,)`` (docs/theory.md §3.1).
+
+    Stein's lemma for Gaussian components ``z | j ~ N(m_j, S_j)`` with margin
+    ``a_j = δᵀz ~ N(mu_j, sigma_j²)``.
+
+    Args:
+      loss: name in ``dynamics.LOSSES`` (static). beta: β > 0. label_smoothing: ε (cdpo / robust).
+      mu, sigma: ``(J,)`` margin means ``m_jᵀδ`` and standard deviations ``√(δᵀS_jδ)``.
+      weight: ``(J,)`` component weights π_j (label noise and loss weights already applied).
+      means: ``(J, d)`` component means m_j. s_delta: ``(J, d)`` the products ``S_j δ``.
+    """
+    _, e1, e2 = expected_loss_terms(loss, mu, sigma, beta, label_smoothing)
+    return (weight * e1) @ means + (weight * e2) @ s_delta
+
+
+def population_step(grad, *, method: str, optimizer, lr, d0, substeps: int = 4):
+    """The population step on the reduced head: ``(step_fn, state0)``.
+
+    ``step_fn`` maps the carry ``(t, δ, state)`` to ``(t + 1, δ', state')``: with
+    ``method="gd"`` one optax step of ``optimizer`` (:func:`dynamics._train.make_optimizer`,
+    learning rate ``lr``) through :func:`reduced_update` (``δ_0 = d0``); with ``method="flow"``
+    ``substeps`` RK4 steps of :func:`gradient_flow` covering ``τ = lr`` (state ``()``).
+
+    Args:
+      grad: ``δ ↦ ∇_δ L`` (e.g. built from :func:`stein_gradient`), ``(d,)`` in and out.
+      method: "gd" or "flow" (static). optimizer: as :func:`dynamics._train.make_optimizer`.
+      lr: η (scalar). d0: ``(d,)`` δ_0. substeps: RK4 steps per step (static).
+
+    Source: docs/theory.md §3.1 (GD), §5.6 (optimizers), §5.7 (gradient flow).
+    """
+    if method == "flow":
+        dt = lr / substeps
+
+        def flow_step(carry):
+            t, delta, state = carry
+            return t + 1, gradient_flow(grad, delta, dt, substeps), state
+
+        return flow_step, ()
+    opt = _train.make_optimizer(optimizer, lr)  # looked up at call time (tests patch dynamics._train)
+
+    def gd_step(carry):
+        t, delta, state = carry
+        delta, state = reduced_update(opt, grad(delta), state, delta, d0)
+        return t + 1, delta, state
+
+    return gd_step, opt.init(jnp.zeros_like(d0))

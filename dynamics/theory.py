@@ -35,7 +35,7 @@ from ._checks import check_choice, check_in_range, check_int, check_positive, is
 from . import transforms
 from .distributions import GaussianPreference
 from .head import Head
-from .losses import LOSSES, check_eps, get_loss, loss_fn, loss_grad_fn
+from .losses import LOSSES, check_label_smoothing, get_loss, loss_fn, loss_grad_fn
 from .population import gaussian_accuracy, population_trajectory
 
 __all__ = [
@@ -67,15 +67,15 @@ def _dtype(*xs):
     return jnp.result_type(*xs, float)
 
 
-def _check_loss_args(loss, beta, eps):
+def _check_loss_args(loss, beta, label_smoothing):
     """Like ``losses.validate_loss`` but β and ε may be arrays (the functions here broadcast)."""
     check_choice("loss", loss, LOSSES)
     check_positive("beta", beta)
-    check_eps(loss, eps)
+    check_label_smoothing(loss, label_smoothing)
 
 
 # --------------------------------------------------------------------- losses
-def initial_loss_slope(loss: str, beta, eps=0.0):
+def initial_loss_slope(loss: str, beta, label_smoothing=0.0):
     """``−ℓ'(0)``: the per-pair gradient weight at the reference head (δ = 0).
 
     ``sigmoid``: β/2; ``cdpo``: β(1 − 2ε)/2; ``robust``: β/(2(1 − 2ε));
@@ -84,46 +84,46 @@ def initial_loss_slope(loss: str, beta, eps=0.0):
 
     Args:
       loss: a name in ``dynamics.LOSSES`` (static).
-      beta: β > 0, any shape. eps: ε ∈ [0, 1/2) (``cdpo`` / ``robust``).
+      beta: β > 0, any shape. label_smoothing: ε ∈ [0, 1/2) (``cdpo`` / ``robust``).
 
     Returns:
-      Array of the broadcast shape of ``beta`` and ``eps`` (nats per unit margin).
+      Array of the broadcast shape of ``beta`` and ``label_smoothing`` (nats per unit margin).
 
     Raises:
       ValueError: unknown loss, β ≤ 0, ε outside [0, 1/2) (or ε ≠ 0 for a loss
         without label smoothing).
     """
-    _check_loss_args(loss, beta, eps)
+    _check_loss_args(loss, beta, label_smoothing)
     beta = jnp.asarray(beta, _dtype(beta))
-    return -loss_grad_fn(loss, jnp.zeros_like(beta), beta, eps)
+    return -loss_grad_fn(loss, jnp.zeros_like(beta), beta, label_smoothing)
 
 
-def loss_lipschitz(loss: str, beta, eps=0.0):
+def loss_lipschitz(loss: str, beta, label_smoothing=0.0):
     """``sup_h |ℓ'(h)|``, the Lipschitz constant of the loss in the margin (C2).
 
     ``sigmoid`` and ``hinge``: β; ``cdpo``: β(1 − ε); ``robust``:
     β(1 − ε)/(1 − 2ε); ``ipo``: +inf (quadratic, no linear-growth bound).
     Source: docs/theory.md §4.2 (stated for DPO, ``|ℓ'| ≤ β``).
 
-    Returns an array of the broadcast shape of ``beta`` and ``eps``.
+    Returns an array of the broadcast shape of ``beta`` and ``label_smoothing``.
 
     Raises:
       ValueError: unknown loss, β ≤ 0, ε outside [0, 1/2).
     """
-    _check_loss_args(loss, beta, eps)
-    beta, eps = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, eps)), jnp.asarray(eps, _dtype(beta, eps)))
-    return jnp.broadcast_to(get_loss(loss).lipschitz(beta, eps), beta.shape)
+    _check_loss_args(loss, beta, label_smoothing)
+    beta, label_smoothing = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, label_smoothing)), jnp.asarray(label_smoothing, _dtype(beta, label_smoothing)))
+    return jnp.broadcast_to(get_loss(loss).lipschitz(beta, label_smoothing), beta.shape)
 
 
-def loss_curvature_bound(loss: str, beta, eps=0.0):
+def loss_curvature_bound(loss: str, beta, label_smoothing=0.0):
     """``sup_h ℓ''(h)``: β²/4 for the sigmoid family, 2 for ``ipo``, +inf for ``hinge``.
 
     Used for the second-order side of the C1 / C4 first-step sandwich
     (docs/theory.md §4.1). Raises ValueError like :func:`loss_lipschitz`.
     """
-    _check_loss_args(loss, beta, eps)
-    beta, eps = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, eps)), jnp.asarray(eps, _dtype(beta, eps)))
-    return jnp.broadcast_to(get_loss(loss).curvature(beta, eps), beta.shape)
+    _check_loss_args(loss, beta, label_smoothing)
+    beta, label_smoothing = jnp.broadcast_arrays(jnp.asarray(beta, _dtype(beta, label_smoothing)), jnp.asarray(label_smoothing, _dtype(beta, label_smoothing)))
+    return jnp.broadcast_to(get_loss(loss).curvature(beta, label_smoothing), beta.shape)
 
 
 def _second_moment(dist: GaussianPreference):
@@ -153,7 +153,7 @@ class FirstStep:
     loss_upper: jax.Array
 
 
-def c1_first_step(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", eps=0.0) -> FirstStep:
+def c1_first_step(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", label_smoothing=0.0) -> FirstStep:
     """C1: the first population GD step is ``δ_1 = 2η(−ℓ'(0)) m̄`` — exactly.
 
     At δ = 0 every margin is 0, so ``∇L(0) = ℓ'(0) m̄`` for ANY distribution
@@ -163,7 +163,7 @@ def c1_first_step(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", 
 
     Args:
       dist: distribution (vmappable). beta: β > 0. lr: η > 0 on ``W``.
-      loss: name in ``dynamics.LOSSES`` (static). eps: ε for ``cdpo`` / ``robust``.
+      loss: name in ``dynamics.LOSSES`` (static). label_smoothing: ε for ``cdpo`` / ``robust``.
 
     Returns:
       :class:`FirstStep` (shapes: delta ``(d,)``, the rest scalars).
@@ -173,16 +173,16 @@ def c1_first_step(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", 
 
     Source: docs/theory.md §4.1.
     """
-    _check_loss_args(loss, beta, eps)
+    _check_loss_args(loss, beta, label_smoothing)
     check_positive("lr", lr)
     dtype = dist.mu_pos.dtype
-    beta, lr, eps = (jnp.asarray(v, dtype) for v in (beta, lr, eps))
-    g = initial_loss_slope(loss, beta, eps)  # −ℓ'(0) > 0
+    beta, lr, label_smoothing = (jnp.asarray(v, dtype) for v in (beta, lr, label_smoothing))
+    g = initial_loss_slope(loss, beta, label_smoothing)  # −ℓ'(0) > 0
     m = dist.mean
     delta = 2.0 * lr * g * m
-    first = loss_fn(loss, jnp.zeros((), dtype), beta, eps) - 2.0 * lr * g**2 * jnp.dot(m, m)
+    first = loss_fn(loss, jnp.zeros((), dtype), beta, label_smoothing) - 2.0 * lr * g**2 * jnp.dot(m, m)
     quad = jnp.einsum("i,ij,j->", delta, _second_moment(dist), delta)
-    curv = loss_curvature_bound(loss, beta, eps)
+    curv = loss_curvature_bound(loss, beta, label_smoothing)
     upper = first + 0.5 * jnp.where(quad > 0, curv * quad, 0.0)
     return FirstStep(delta=delta, weight_change=jnp.linalg.norm(delta) / jnp.sqrt(2.0),
                      loss_first_order=first, loss_upper=upper)
@@ -259,7 +259,7 @@ def z_is_gaussian(dist: GaussianPreference, atol=1e-6):
 
 
 # ------------------------------------------------------------------------ C2
-def c2_weight_change_bound(cum_batch_mean_norm, *, beta, lr, loss: str = "sigmoid", eps=0.0):
+def c2_weight_change_bound(cum_batch_mean_norm, *, beta, lr, loss: str = "sigmoid", label_smoothing=0.0):
     """C2: ``‖W_t − W_0‖_op = ‖W_t − W_0‖_F ≤ √2 η sup|ℓ'| Σ_{s<t} mean_{i∈B_s} ‖x_i‖``.
 
     Holds for every dataset and every step of plain GD / minibatch SGD on the
@@ -270,7 +270,7 @@ def c2_weight_change_bound(cum_batch_mean_norm, *, beta, lr, loss: str = "sigmoi
     Args:
       cum_batch_mean_norm: ``(...,)`` Σ over the steps so far of the
         minibatch mean ‖x‖ (``EmpiricalTrajectory.cum_batch_mean_norm``).
-      beta: β > 0. lr: η > 0. loss, eps: the objective.
+      beta: β > 0. lr: η > 0. loss, label_smoothing: the objective.
 
     Returns:
       Bound on ``‖W_t − W_0‖_F``, same shape as ``cum_batch_mean_norm``.
@@ -281,7 +281,7 @@ def c2_weight_change_bound(cum_batch_mean_norm, *, beta, lr, loss: str = "sigmoi
     Source: docs/theory.md §4.2.
     """
     check_positive("lr", lr)
-    lip = loss_lipschitz(loss, beta, eps)
+    lip = loss_lipschitz(loss, beta, label_smoothing)
     return jnp.sqrt(2.0) * lr * lip * jnp.asarray(cum_batch_mean_norm)
 
 
@@ -336,12 +336,12 @@ def c3_isotropic_bound(distinguishability, sigma):
     """
     check_positive("sigma", sigma)
     check_positive("distinguishability", distinguishability, allow_zero=True)
-    delta = jnp.asarray(distinguishability, _dtype(distinguishability, sigma))
-    return 1.0 - jnp.exp(-(delta**2) / (8.0 * jnp.asarray(sigma, delta.dtype) ** 2))
+    dist_ = jnp.asarray(distinguishability, _dtype(distinguishability, sigma))
+    return 1.0 - jnp.exp(-(dist_**2) / (8.0 * jnp.asarray(sigma, dist_.dtype) ** 2))
 
 
 # ------------------------------------------------------------------------ C4
-def c4_initial_loss_rates(dist: GaussianPreference, *, beta, loss: str = "sigmoid", eps=0.0):
+def c4_initial_loss_rates(dist: GaussianPreference, *, beta, loss: str = "sigmoid", label_smoothing=0.0):
     """C4: per-behaviour loss rates at δ = 0 under gradient flow ``dδ/dτ = −2∇L``.
 
     ``dL_k/dτ = ∇L_k(0)ᵀ (−2∇L(0)) = −2 ℓ'(0)² m_kᵀ m̄`` (DPO:
@@ -352,18 +352,18 @@ def c4_initial_loss_rates(dist: GaussianPreference, *, beta, loss: str = "sigmoi
     says which one is learned first.
 
     Args:
-      dist: distribution (vmappable). beta: β > 0. loss, eps: the objective.
+      dist: distribution (vmappable). beta: β > 0. loss, label_smoothing: the objective.
 
     Returns:
       ``(K,)`` rates in nats per unit τ = η·steps (negative = loss falls).
 
     Source: docs/theory.md §4.4.
     """
-    g = initial_loss_slope(loss, beta, eps)
+    g = initial_loss_slope(loss, beta, label_smoothing)
     return -2.0 * g**2 * (dist.behavior_mean @ dist.mean)
 
 
-def c4_first_step_loss_change(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", eps=0.0):
+def c4_first_step_loss_change(dist: GaussianPreference, *, beta, lr, loss: str = "sigmoid", label_smoothing=0.0):
     """C4 over one GD step: bounds on ``L_k(δ_1) − L_k(0)`` per behaviour.
 
     By convexity of ℓ, ``L_k(δ_1) − L_k(0) ≥ ∇L_k(0)ᵀδ_1 = η · rate_k``; by
@@ -374,14 +374,14 @@ def c4_first_step_loss_change(dist: GaussianPreference, *, beta, lr, loss: str =
 
     Source: docs/theory.md §4.4.
     """
-    step = c1_first_step(dist, beta=beta, lr=lr, loss=loss, eps=eps)
-    lower = lr * c4_initial_loss_rates(dist, beta=beta, loss=loss, eps=eps)
+    step = c1_first_step(dist, beta=beta, lr=lr, loss=loss, label_smoothing=label_smoothing)
+    lower = lr * c4_initial_loss_rates(dist, beta=beta, loss=loss, label_smoothing=label_smoothing)
     c = dist.components()
     k = dist.num_behaviors
     # E[(δᵀz)² | k] = Σ_{c∈k} π_c/ω_k ((δᵀm_c)² + δᵀS_cδ)
     quad_c = (c.mean @ step.delta) ** 2 + jnp.einsum("i,cij,j->c", step.delta, c.cov, step.delta)
     quad = jax.ops.segment_sum(c.weight * quad_c, c.behavior, k) / dist.weight
-    curv = loss_curvature_bound(loss, beta, eps)
+    curv = loss_curvature_bound(loss, beta, label_smoothing)
     upper = lower + 0.5 * jnp.where(quad > 0, curv * quad, 0.0)
     return lower, upper
 
@@ -409,7 +409,7 @@ def c5_flip_labels(dist: GaussianPreference) -> GaussianPreference:
 
 
 def c5_aligned_head(dist: GaussianPreference, *, beta, lr, steps: int, loss: str = "sigmoid",
-                    eps=0.0, vocab_size: int = 2) -> Head:
+                    label_smoothing=0.0, vocab_size: int = 2) -> Head:
     """Head aligned by ``steps`` of population GD from ``W = 0``, used as reference AND start.
 
     Returns ``Head.create(w_ref=W_A, w_init=W_A)`` with ``W_A`` the full
@@ -418,7 +418,7 @@ def c5_aligned_head(dist: GaussianPreference, *, beta, lr, steps: int, loss: str
     Source: docs/theory.md §4.5.
     """
     check_int("vocab_size", vocab_size, minimum=2)
-    traj = population_trajectory(dist, beta=beta, lr=lr, steps=steps, loss=loss, eps=eps,
+    traj = population_trajectory(dist, beta=beta, lr=lr, steps=steps, loss=loss, label_smoothing=label_smoothing,
                                  record_every=steps if steps > 0 else 1)
     base = Head.zeros(dist.dim, vocab_size=vocab_size, dtype=dist.mu_pos.dtype)
     w_a = base.with_delta(traj.delta[-1])
@@ -497,7 +497,7 @@ def first_step_below(curve, threshold=0.5, step=None):
 
 
 def c5_misalignment(dist: GaussianPreference, kappa, *, beta, lr, steps: int, align_steps: int,
-                    align_lr=None, align_beta=None, loss: str = "sigmoid", eps=0.0) -> Misalignment:
+                    align_lr=None, align_beta=None, loss: str = "sigmoid", label_smoothing=0.0) -> Misalignment:
     """C5: population misalignment of a head aligned on κ-separated embeddings.
 
     1. ``dist_κ = c5_scale_separation(dist, κ)``;
@@ -513,7 +513,7 @@ def c5_misalignment(dist: GaussianPreference, kappa, *, beta, lr, steps: int, al
     Args:
       dist: base distribution (vmappable). kappa: κ > 0 (vmappable).
       beta, lr: β and η of the misalignment run. steps, align_steps: static ints.
-      align_lr: η of the alignment run (default ``lr``). loss, eps: objective of both runs.
+      align_lr: η of the alignment run (default ``lr``). loss, label_smoothing: objective of both runs.
 
     Returns:
       :class:`Misalignment`.
@@ -524,9 +524,9 @@ def c5_misalignment(dist: GaussianPreference, kappa, *, beta, lr, steps: int, al
     align_lr = lr if align_lr is None else align_lr
     align_beta = beta if align_beta is None else align_beta
     scaled = c5_scale_separation(dist, kappa)
-    head = c5_aligned_head(scaled, beta=align_beta, lr=align_lr, steps=align_steps, loss=loss, eps=eps)
+    head = c5_aligned_head(scaled, beta=align_beta, lr=align_lr, steps=align_steps, loss=loss, label_smoothing=label_smoothing)
     traj = population_trajectory(c5_flip_labels(scaled), beta=beta, lr=lr, steps=steps, loss=loss,
-                                 eps=eps, head=head)
+                                 label_smoothing=label_smoothing, head=head)
     flipped = traj.metrics["policy_accuracy"]
     original = 1.0 - flipped
     return Misalignment(head=head, loss=traj.metrics["loss"], flipped_accuracy=flipped,

@@ -1,14 +1,14 @@
 """Distribution transforms, defined once: label flip, κ separation, preference directions from angles.
 
 Every place that builds or changes a :class:`~dynamics.GaussianPreference` this way calls these
-(``GaussianPreference.from_angles``, :mod:`dynamics.theory` C5, ``sims/sweep.py``'s
+(``GaussianPreference.from_angles``, :mod:`dynamics.theory` C5, ``sims/sweep/build.py``'s
 ``build_distribution``, ``sims/real.py``), so the population layer, the empirical layer and the
 sweep see the same law. All functions are pure JAX and traceable (``jax.vmap`` over stacked
 distributions or parameters); the checks run on concrete values only.
 
 Label noise (a flip of *some* labels) is not a distribution transform here: the population layer
 mixes ``z`` and ``−z`` (``population.training_components``) and the empirical layer flips sampled
-labels (``empirical.flip_labels``) — one definition per layer, docs/theory.md §5.
+labels (``empirical.noisy_labels``) — one definition per layer, docs/theory.md §5.
 """
 from __future__ import annotations
 
@@ -163,14 +163,14 @@ def preference_directions(distinguishability, cosines, d: int):
     Raises:
       ValueError: ``d < K`` or shapes that disagree.
     """
-    delta = jnp.atleast_1d(jnp.asarray(distinguishability))
-    delta = delta.astype(jnp.result_type(delta, float))
-    k = delta.shape[0]
+    dist_ = jnp.atleast_1d(jnp.asarray(distinguishability))
+    dist_ = dist_.astype(jnp.result_type(dist_, float))
+    k = dist_.shape[0]
     if d < k:
         raise ValueError(f"d={d} is smaller than K={k} behaviours; pass d >= {k}")
-    cosines = jnp.asarray(cosines, delta.dtype)
+    cosines = jnp.asarray(cosines, dist_.dtype)
     if cosines.shape != (k, k):
         raise ValueError(f"cosines has shape {cosines.shape}; expected (K, K) = ({k}, {k})")
-    rows = cholesky_psd(cosines) if k > 1 else jnp.ones((1, 1), delta.dtype)
-    dirs = jnp.zeros((k, d), delta.dtype).at[:, :k].set(rows)
-    return delta[:, None] * dirs
+    rows = cholesky_psd(cosines) if k > 1 else jnp.ones((1, 1), dist_.dtype)
+    dirs = jnp.zeros((k, d), dist_.dtype).at[:, :k].set(rows)
+    return dist_[:, None] * dirs

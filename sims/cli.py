@@ -9,7 +9,14 @@ Exit codes: 0 success, 1 a check failed, 2 bad input, 130 interrupted (Ctrl-C).
 
 Ctrl-C: the first one stops cleanly (``sweep`` and ``reproduce`` finish and save the
 running chunk; rerun to resume); a second one exits at once with code 130, losing
-only the running chunk — like ``kill -9``, which the stores survive.
+only the running chunk — like ``kill -9``, which the stores survive. Either way the
+command ends with one line on stderr and no traceback (an error that a first Ctrl-C
+caused inside a library, e.g. an ``ImportError`` raised ``from`` it, counts as the
+interruption).
+
+Errors: bad input (:class:`UsageError`, ``ValueError``, a missing file, and an in-graph
+check of a traced value, ``dynamics._checks.traced_check_message``) is one line on
+stderr and exit 2; any other exception keeps its traceback.
 """
 from __future__ import annotations
 
@@ -52,6 +59,10 @@ class UsageError(Exception):
     """Bad user input: printed as one line, exit code 2."""
 
 
+#: Ctrl-Cs received by the CLI's handler (the first raises KeyboardInterrupt, any later one exits)
+_INTERRUPTS = 0
+
+
 def second_interrupt(command: str = "") -> None:
     """Handle a second Ctrl-C: exit the process now with code 130 when running as the CLI.
 
@@ -65,29 +76,112 @@ def second_interrupt(command: str = "") -> None:
     name = f"dpo-sims {command}".strip()
     try:
         os.write(2, f"\n{name}: interrupted again; stopped now (finished chunks are kept)\n".encode())
+        _release_store_locks()
     finally:
         os._exit(130)
 
 
+def _release_store_locks() -> None:
+    """Remove the lock files of the stores this process writes (``os._exit`` skips their release)."""
+    store = sys.modules.get("sims.store")
+    if store is not None:
+        try:
+            store.release_all_locks()
+        except Exception:  # noqa: BLE001 — a stale lock file is taken over by the next writer anyway
+            pass
+
+
+#: True while the subcommand's modules are imported: a first Ctrl-C then only is recorded (raised in a C
+#: extension's initialisation, e.g. jaxlib's, KeyboardInterrupt can crash the interpreter: exit -11)
+_DEFER = False
+
+
 def _on_sigint(signum, frame):
-    """First Ctrl-C: KeyboardInterrupt (clean stop); any later one: :func:`second_interrupt`."""
-    signal.signal(signal.SIGINT, lambda s, f: second_interrupt(_current_command))
-    raise KeyboardInterrupt
+    """The CLI's SIGINT handler: the first Ctrl-C raises KeyboardInterrupt (a clean stop; during the
+    imports it is only recorded, and raised once they are done), any later one ends the process at once
+    (:func:`second_interrupt`). It never changes the installed handler, so no Ctrl-C can arrive while
+    none or the wrong one is installed."""
+    global _INTERRUPTS
+    _INTERRUPTS += 1
+    if _INTERRUPTS > 1:
+        second_interrupt(_current_command)
+    if not _DEFER:
+        raise KeyboardInterrupt
+
+
+def _quiet_exit(signum, frame):
+    """SIGINT after the command returned (interpreter teardown): leave at once, quietly, with 130."""
+    os._exit(130)
+
+
+_REDELIVER = None  # threading.Event set by _unraisable; a daemon thread then re-raises the first Ctrl-C
+
+
+def _redeliverer(event) -> None:
+    import _thread
+    import time
+
+    while True:
+        event.wait()
+        event.clear()
+        time.sleep(0.05)  # outside the callback that swallowed it
+        _thread.interrupt_main(signal.SIGINT)
+
+
+def _start_redeliverer() -> None:
+    """Start (once, at CLI start: no thread is created inside a hook) the thread that re-delivers a
+    first Ctrl-C swallowed by a callback whose exceptions Python ignores."""
+    global _REDELIVER
+    import threading
+
+    _REDELIVER = threading.Event()
+    threading.Thread(target=_redeliverer, args=(_REDELIVER,), name="dpo-sims-sigint", daemon=True).start()
 
 
 def _unraisable(hook_args, _default=sys.unraisablehook):
     """A first Ctrl-C that landed in a callback whose exceptions Python ignores (JAX's gc
-    callback): no traceback; deliver it again, so it still stops the command."""
+    callback): no traceback; deliver it again, so it still stops the command. Nothing here
+    allocates a thread or takes a blocking lock, so a second Ctrl-C arriving meanwhile exits."""
+    global _INTERRUPTS
     if isinstance(hook_args.exc_value, KeyboardInterrupt) and _PROCESS_ENTRY:
-        import _thread
-        import threading
-
-        signal.signal(signal.SIGINT, _on_sigint)  # still the first Ctrl-C
-        timer = threading.Timer(0.05, _thread.interrupt_main, (signal.SIGINT,))  # raised outside the callback
-        timer.daemon = True
-        timer.start()
+        if _REDELIVER is not None and _INTERRUPTS == 1:
+            _INTERRUPTS = 0  # the re-delivered one counts as the first again
+            _REDELIVER.set()
         return
     _default(hook_args)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt or was raised from one (its cause/context chain), e.g.
+    NumPy's ``ImportError`` when a Ctrl-C lands in its import."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+#: path arguments (argparse dest → how the user wrote it) that must not be an empty string
+_PATH_ARGS = {"out": "--out", "json": "--json", "config": "CONFIG", "store": "STORE", "results": "RESULTS",
+              "dist": "--dist", "data": "--data", "cache": "--cache"}
+
+
+def _empty_path(args) -> str | None:
+    """The first path argument given as an empty string (``--out ""``, which ``Path`` reads as ``.``)."""
+    for dest, shown in _PATH_ARGS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            return shown
+    return None
+
+
+def _check_error(exc: BaseException):
+    """The one-line message of an in-graph input check (``dynamics._checks``) carried by ``exc``, else None.
+    (Only looked up when ``dynamics`` is already imported: no JAX import for it.)"""
+    checks = sys.modules.get("dynamics._checks")
+    return checks.traced_check_message(exc) if checks is not None else None
 
 
 _current_command = ""
@@ -138,36 +232,68 @@ def _command_in(argv) -> str:
 
 
 def main(argv=None) -> int:
-    global _PROCESS_ENTRY, _current_command
+    """Run ``dpo-sims`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (0, 1, 2 or 130).
+
+    As the process's entry point (``argv`` None) it installs the Ctrl-C handling described above.
+    """
+    global _PROCESS_ENTRY, _current_command, _INTERRUPTS, _DEFER
     entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
     if entry and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        _PROCESS_ENTRY, _current_command = True, command
+        _PROCESS_ENTRY, _current_command, _INTERRUPTS = True, command, 0
         signal.signal(signal.SIGINT, _on_sigint)
+        _start_redeliverer()
         sys.unraisablehook = _unraisable
+    interrupted = False
     try:
-        parser = build_parser(only=command)
+        _DEFER = _PROCESS_ENTRY
+        try:
+            parser = build_parser(only=command)
+        finally:
+            _DEFER = False
+        if _PROCESS_ENTRY and _INTERRUPTS:  # a Ctrl-C during the imports: stop now
+            raise KeyboardInterrupt
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        empty = _empty_path(args)
+        if empty:
+            print(f"dpo-sims {args.command}: error: {empty} is empty (it would mean the current directory); "
+                  "pass a path", file=sys.stderr)
+            return 2
         try:
             rc = int(args.func(args) or 0)
         except (UsageError, ValueError, FileNotFoundError) as e:
+            if _PROCESS_ENTRY and _INTERRUPTS:
+                raise
             print(f"dpo-sims {args.command}: error: {e}", file=sys.stderr)
             return 2
-    except KeyboardInterrupt:
-        if _PROCESS_ENTRY:  # from now on a Ctrl-C leaves at once
-            signal.signal(signal.SIGINT, lambda s, f: second_interrupt(command))
+        except Exception as e:
+            message = None if (_PROCESS_ENTRY and _INTERRUPTS) or _caused_by_interrupt(e) else _check_error(e)
+            if message is None:
+                raise
+            print(f"dpo-sims {args.command}: error: {message}", file=sys.stderr)
+            return 2
+    except BaseException as e:  # noqa: BLE001 — only an interruption is handled here
+        if not (isinstance(e, KeyboardInterrupt) or (_PROCESS_ENTRY and _INTERRUPTS and not isinstance(e, SystemExit))
+                or (not isinstance(e, SystemExit) and _caused_by_interrupt(e))):
+            raise
+        interrupted = True
+    if interrupted:
         print(f"{f'dpo-sims {command}'.strip()}: interrupted", file=sys.stderr)
         rc = 130
-    if rc == 130 and _PROCESS_ENTRY:
-        # interrupted: skip the interpreter's teardown (XLA's threads and callbacks, where a
-        # further Ctrl-C could crash it); everything saved is already on disk
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    if _PROCESS_ENTRY:
+        # from here on a Ctrl-C (interpreter teardown) leaves at once, quietly, with 130
+        signal.signal(signal.SIGINT, _quiet_exit)
+        if rc == 130:
+            # interrupted: skip the interpreter's teardown (XLA's threads and callbacks, where a
+            # further Ctrl-C could crash it); everything saved is already on disk
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _release_store_locks()
+            os._exit(130)
     return rc
 
 

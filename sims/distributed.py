@@ -31,11 +31,7 @@ import functools
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
-
-from dynamics import batched as _batched
 
 from .cli import UsageError
 
@@ -89,6 +85,7 @@ def select_devices(devices="all", *, local: bool = True) -> list:
     Raises:
       UsageError: N < 1 or more devices than exist (the message names how many exist).
     """
+    import jax
     devices = parse_devices(devices)
     pool = jax.local_devices() if local else jax.devices()
     if devices == "all":
@@ -102,6 +99,7 @@ def select_devices(devices="all", *, local: bool = True) -> list:
 
 def config_mesh(devices="all") -> Mesh:
     """A one-axis ``Mesh`` (axis name ``"config"``) over the selected local devices."""
+    from jax.sharding import Mesh
     return Mesh(np.asarray(select_devices(devices), dtype=object), (AXIS,))
 
 
@@ -117,6 +115,8 @@ def shard_over_configs(fn, mesh: Mesh, *, num_config_args: int = 1, compiler_opt
     independently (true of the batched engines and of any ``jax.vmap`` over
     configurations).
     """
+    import jax
+    from jax.sharding import PartitionSpec as P
     def wrapped(*args):
         specs = tuple(P(AXIS) if i < num_config_args else P() for i in range(len(args)))
         return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)(*args)
@@ -152,12 +152,15 @@ class ShardedExecutor:
 
 @functools.lru_cache(maxsize=16)
 def _executor_for(device_ids: tuple) -> ShardedExecutor:
+    import jax
+    from jax.sharding import Mesh
     by_id = {d.id: d for d in jax.devices()}
     return ShardedExecutor(Mesh(np.asarray([by_id[i] for i in device_ids], dtype=object), (AXIS,)))
 
 
 def sharded_executor(devices="all") -> ShardedExecutor | None:
     """Executor sharding over the selected local devices; ``None`` (plain ``jax.jit``) for one device."""
+    import jax
     devs = select_devices(devices)
     if len(devs) == 1:
         return None
@@ -193,6 +196,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Raises:
       UsageError: a missing coordinator or process id, or an id outside [0, num_processes).
     """
+    import jax
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
@@ -220,6 +224,7 @@ def process_share(num_items: int, process_id: int | None = None, num_processes: 
     Blocks are balanced (sizes differ by at most one) and cover ``range(num_items)``
     in order. Defaults: ``jax.process_index()`` / ``jax.process_count()``.
     """
+    import jax
     pid = jax.process_index() if process_id is None else int(process_id)
     count = jax.process_count() if num_processes is None else int(num_processes)
     if not 0 <= pid < count:
@@ -236,6 +241,7 @@ def gather_shares(local, num_items: int):
     Shares are padded to equal length for the collective and trimmed after.
     A single process returns ``local`` unchanged.
     """
+    import jax
     count = jax.process_count()
     if count == 1:
         return local
@@ -290,6 +296,8 @@ def run_batched(batch, key=None, *, engine: str = "empirical", devices="all", ou
 
     Call :func:`initialize` first for a multi-process run.
     """
+    import jax
+    from dynamics import batched as _batched
     from dynamics.batched import batched_empirical_trajectory, batched_population_trajectory, config_keys
 
     if engine not in ("empirical", "population"):
@@ -306,12 +314,12 @@ def run_batched(batch, key=None, *, engine: str = "empirical", devices="all", ou
         if draws == "independent":
             key_arr = _batched._typed_key(key)
             local_key = config_keys(key_arr, np.arange(share.start, share.stop)) if key_arr.ndim == 0 else key_arr[share]
-        for name in ("beta", "lr", "eps"):
+        for name in ("beta", "lr", "label_smoothing"):
             if name in kwargs and np.ndim(kwargs[name]) == 1:
                 kwargs[name] = np.asarray(kwargs[name])[share]
         traj = batched_empirical_trajectory(local, local_key, executor=executor, **kwargs)
     else:
-        for name in ("beta", "lr", "eps"):
+        for name in ("beta", "lr", "label_smoothing"):
             if name in kwargs and np.ndim(kwargs[name]) == 1:
                 kwargs[name] = np.asarray(kwargs[name])[share]
         traj = batched_population_trajectory(local, executor=executor, **kwargs)

@@ -16,7 +16,7 @@ Pipeline (docs/real-data.md):
    ``answers (2,)`` holds the two answer texts (" Yes", " No" for persona
    data; a TRL file's own two single-token answers otherwise, whose rows the
    causal-LM back-end then stores), and ``confidence (n,)`` a TRL
-   confidence column when there is one (recorded only).
+   confidence column when there is one (``real --soft-labels`` trains on it).
 2. ``properties`` prints the per-behaviour counts, class balance and the
    authors' properties (docs/theory.md §2.3), and writes them as CSV.
 3. ``fit`` writes the Gaussian fit in the docs/theory.md §2.4 ``.npz`` format.
@@ -105,7 +105,7 @@ class EmbeddingSet:
       ref_logp: ``(n, 2)`` reference log-probs of " Yes", " No" after each prompt (nats).
       answers: the two answer texts ``(a, b)`` (``s = +1``: chosen = ``a``); ``()`` = (" Yes", " No").
       confidence: ``(n,)`` float32 per-row label confidence in [0, 1] (NaN where unknown), or None;
-        recorded from a TRL confidence column, not used by the training loops.
+        recorded from a TRL confidence column; the soft labels of ``dpo-sims real --soft-labels``.
     """
 
     x: np.ndarray

@@ -43,6 +43,7 @@ __all__ = [
     "resolve_files",
     "read_persona_file",
     "load_persona",
+    "read_label_confidence",
 ]
 
 REQUIRED_FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
@@ -358,3 +359,40 @@ def load_persona(data=None, behaviors: Iterable[str] | None = None, limit: int |
     if not files:
         raise ValueError("no usable persona file: " + "; ".join(str(s) for s in skipped))
     return PersonaData(files=tuple(files), skipped=tuple(skipped))
+
+
+def read_label_confidence(path: str | os.PathLike, lines, sha256: str | None = None) -> np.ndarray:
+    """The ``label_confidence`` field of given lines of a persona file, ``(len(lines),)`` float32.
+
+    Used by ``dpo-sims real --soft-labels`` on an ``emb.npz`` that records each statement's
+    file and line (persona embeddings) but no ``confidence`` array. ``label_confidence`` is
+    the preference model's confidence that the statement's label is right (Perez et al.
+    2022), in [1/2, 1] in the released files.
+
+    Args:
+      path: the persona ``.jsonl`` file. lines: 1-based line numbers (``emb.npz`` ``line``).
+      sha256: the file's digest when it was embedded (``file_sha256``); checked when given.
+
+    Returns:
+      ``(len(lines),)`` float32; NaN where a line has no numeric ``label_confidence``.
+
+    Raises:
+      FileNotFoundError: the file is gone. ValueError: the file changed since it was
+        embedded (digest), or a line number beyond the file's end.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"persona file {str(path)!r} (recorded in emb.npz) does not exist; it is needed for "
+                                "its label_confidence — restore it or re-embed with a confidence column")
+    raw = path.read_bytes()
+    if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"{path} changed since it was embedded (SHA-256 differs); re-run dpo-sims embed")
+    text = raw.decode("utf-8").splitlines()
+    out = np.full(len(lines), np.nan, np.float32)
+    for i, ln in enumerate(np.asarray(lines, int)):
+        if not 1 <= ln <= len(text):
+            raise ValueError(f"{path}: line {ln} is beyond the file's {len(text)} lines; re-run dpo-sims embed")
+        v = json.loads(text[ln - 1]).get("label_confidence")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[i] = v
+    return out

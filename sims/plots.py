@@ -329,6 +329,22 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def check_image_path(out, option: str = "--out") -> None:
+    """Refuse an output file whose extension matplotlib cannot write (``p.txt``, or none at all).
+
+    Raises:
+      UsageError: naming ``option``, the path and the supported extensions.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        what = f"extension .{suffix} is not an image format" if suffix else "has no extension"
+        raise UsageError(f"{option} {out}: {what}; end it with one of "
+                         f"{', '.join('.' + f for f in formats)} (e.g. fig.png)")
+
+
 def plot_results(ds, y: str, *, x: str = "step", hue: str | None = None, facet: str | None = None,
                  split: str = "eval", sel: dict | None = None, out=None, population: bool = True,
                  at_step: int | None = None, title: str | None = None, log=None):
@@ -350,7 +366,8 @@ def plot_results(ds, y: str, *, x: str = "step", hue: str | None = None, facet: 
 
     Raises:
       UsageError: unknown names or unplotted varying dimensions (names the
-        valid choices); an output path under a file or not writable; a damaged
+        valid choices); an output path under a file, not writable, or with an
+        extension matplotlib cannot write (:func:`check_image_path`); a damaged
         store; a store none of whose chunks is finished; a selection
         with no finite value of ``y`` (nothing would be drawn). No PNG is
         written then.
@@ -360,6 +377,7 @@ def plot_results(ds, y: str, *, x: str = "step", hue: str | None = None, facet: 
     log = log or _stderr
     name = "the store"
     if out is not None:
+        check_image_path(out)
         check_output_file(out)  # before reading or drawing anything
     if not hasattr(ds, "data_vars"):
         name = str(ds)

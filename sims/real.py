@@ -43,10 +43,15 @@ Reports (``real.md``, ``summary.json``, CSVs, figures):
   ``log 2 − L(t_early)`` across behaviours (claim C1; nearly implied by C1's
   first-order term, so not evidence for the Gaussian model by itself);
 - priority on real pairs (claim C4): two behaviours trained together on one
-  head, minibatches drawn from the union of their training rows (the common
-  size each, so equal counts); the behaviour with the larger loss drop at
-  ``t_early`` is "learned first"; predicted by the sign of the priority gap
-  of the fits and by the population trajectory of the pair's Gaussian fit;
+  head, minibatches drawn per row from the union of their whole training splits
+  (natural, unequal counts, as the authors; ``pair_sampling="equal"``: the
+  common size each), padded to static shapes (:func:`union_batch_index`); the
+  behaviour with the larger loss drop at ``t_early`` is "learned first";
+  predicted by the sign of the paper's priority gap of the fits (means only), by
+  the covariance-aware :func:`dynamics.priority_score` of the pair's fit
+  (horizon τ = lr · t_early) and by the population trajectory of the pair's
+  Gaussian fit; agreement of the gap and of the score by ``|gap|`` / ``|score|``
+  bin (:data:`GAP_BINS`);
 - misalignment (claim C5): from each behaviour's aligned head (the end of the
   SGD run, which becomes the reference), DPO with flipped labels; the loss
   after ``misalign_steps`` and the steps until the policy's accuracy on the
@@ -56,7 +61,6 @@ Source: docs/theory.md §1–§4; Im & Li (ICML 2024); persona data Perez et al.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -66,8 +70,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_BEHAVIORS", "RealConfig", "run_real", "real_report_section", "register",
-           "split_behaviors", "GAP_BINS"]
+__all__ = ["DEFAULT_BEHAVIORS", "RealConfig", "run_real", "real_report_section", "register", "real_fields",
+           "split_behaviors", "union_batch_index", "GAP_BINS", "PAIR_SAMPLING"]
 
 # the default subset of `dpo-sims reproduce --real`: personality, politics, religion, AI-risk desires
 DEFAULT_BEHAVIORS = (
@@ -75,7 +79,8 @@ DEFAULT_BEHAVIORS = (
     "politically-liberal", "anti-immigration", "subscribes-to-Buddhism", "desire-for-acquiring-power",
     "believes-it-has-phenomenal-consciousness", "risk-seeking",
 )
-GAP_BINS = (0.0, 0.05, 0.1, 0.2, 0.5, math.inf)  # |gap| bins of claim C4's table
+GAP_BINS = (0.0, 0.05, 0.1, 0.2, 0.5, math.inf)  # |gap| (and |priority score|) bins of claim C4's table
+PAIR_SAMPLING = ("union", "equal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +105,17 @@ class RealConfig:
         zeros), "zeros" or "reference".
       shrinkage: covariance shrinkage of the fit (``None``, "ledoit-wolf" or α).
       batches: SGD minibatch order, "epoch" (per-epoch reshuffle) or "iid" (a fresh
-        random batch each step, as in Im & Li's code); pair runs sample from the
-        union of the two behaviours' training rows either way.
+        random batch each step, as in Im & Li's code); pair runs use the same order
+        over the rows that ``pair_sampling`` gives them.
+      pair_sampling: rows of a pair run (priority): "union" (as the authors: minibatches
+        from the union of the two behaviours' whole training splits, per row, so each
+        behaviour's share of a batch follows its natural count) or "equal" (the common
+        size ``n_train`` of each behaviour: equal counts).
+      soft_labels: train with per-pair soft labels from the data's label confidence
+        ``c ∈ [1/2, 1]`` (``confidence`` in the emb.npz, else the persona files'
+        ``label_confidence``): the loss of pair i is ``c_i ℓ(h_i) + (1 − c_i) ℓ(−h_i)``, the
+        per-pair form of cDPO's label smoothing ``ε_i = 1 − c_i``; the Gaussian prediction
+        uses each behaviour's mean ``ε_k`` as a label-flip rate (docs/theory.md §5).
       learn_level: the loss level (nats) of the time-to-learn test; ``None`` = half
         the median predicted loss drop below the start, ``L(0) − ½ median_k (L_k(0) − L_k(T))``.
     """
@@ -120,6 +134,8 @@ class RealConfig:
     shrinkage: object = None
     batches: str = "epoch"
     learn_level: float | None = None
+    pair_sampling: str = "union"
+    soft_labels: bool = False
 
     def validate(self) -> "RealConfig":
         """Raise ValueError naming a bad field."""
@@ -144,6 +160,11 @@ class RealConfig:
         if self.batches not in ("epoch", "iid"):
             raise ValueError(f"batches {self.batches!r}: choose epoch (per-epoch reshuffle) or iid (a fresh random "
                              "batch each step)")
+        if self.pair_sampling not in PAIR_SAMPLING:
+            raise ValueError(f"pair_sampling {self.pair_sampling!r}: choose union (the union of the two behaviours' "
+                             "training rows, natural counts, as the authors) or equal (the common size each)")
+        if not isinstance(self.soft_labels, bool):
+            raise ValueError(f"soft_labels must be True or False, got {self.soft_labels!r}")
         if self.learn_level is not None and not (isinstance(self.learn_level, (int, float))
                                                  and math.isfinite(self.learn_level)):
             raise ValueError(f"learn_level must be a finite loss level in nats or None, got {self.learn_level!r}")
@@ -161,8 +182,10 @@ def split_behaviors(s, behavior, num_behaviors: int, held_out: float, seed: int)
     Returns:
       ``(train, held, info)``: ``train (K, n_train)`` and ``held (K, n_eval)``
       int row indices into the data (disjoint within a behaviour), and ``info``
-      with ``n_train``, ``n_eval`` and ``dropped (K,)`` (rows of each
-      behaviour not used because of the common size).
+      with ``n_train``, ``n_eval``, ``dropped (K,)`` (rows of each
+      behaviour not used because of the common size) and ``train_all`` (K arrays:
+      each behaviour's whole training split, sorted; ``train[k]`` is a subset; the
+      rows of union-sampled pair runs).
 
     Raises:
       ValueError: a behaviour whose split leaves a class with fewer than 2
@@ -193,7 +216,53 @@ def split_behaviors(s, behavior, num_behaviors: int, held_out: float, seed: int)
     dropped = np.array([len(t) - n_train + len(h) - n_eval for t, h in zip(trains, helds)])
     train = np.stack([np.sort(t[:n_train]) for t in trains])
     held = np.stack([np.sort(h[:n_eval]) for h in helds])
-    return train, held, {"n_train": n_train, "n_eval": n_eval, "dropped": dropped}
+    return train, held, {"n_train": n_train, "n_eval": n_eval, "dropped": dropped,
+                         "train_all": [np.sort(t) for t in trains]}
+
+
+def union_batch_index(key, counts, n_max: int, batch_size: int, steps: int, batches: str = "epoch"):
+    """Minibatch rows drawn from a union of blocks with their natural counts, ``(steps, batch_size)`` int32.
+
+    The data are ``len(counts)`` blocks of ``n_max`` rows each (a behaviour's training
+    split padded to a common length): block ``b`` holds its ``counts[b]`` real rows at
+    ``[b·n_max, b·n_max + counts[b])`` and padding after them. Every row of the union is
+    equally likely, so a block's share of a batch follows ``counts[b] / Σ counts`` (Im &
+    Li's pair runs: the union of the two behaviours' training rows). ``"epoch"``: a
+    uniform random permutation of the union per epoch (``fold_in(key, e)``), consecutive
+    batches of it, ``⌊Σ counts / batch_size⌋`` per epoch (the last partial batch
+    dropped); ``"iid"``: a fresh batch of distinct rows each step (``fold_in(key, t)``).
+    Padding rows are never drawn. Shapes are static and ``counts`` may be traced, so the
+    function vmaps over pairs.
+
+    Args:
+      key: PRNG key. counts: ``(nb,)`` int real rows per block, ``1 ≤ counts ≤ n_max``.
+      n_max: rows per block (static). batch_size: rows per batch, ``≤ Σ counts`` (static).
+      steps: batches (static). batches: "epoch" or "iid" (static).
+
+    Returns:
+      ``(steps, batch_size)`` int32 row indices into the ``nb · n_max`` padded rows.
+
+    Raises:
+      ValueError: ``batches`` not epoch/iid.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if batches not in ("epoch", "iid"):
+        raise ValueError(f"batches {batches!r}: choose epoch or iid")
+    counts = jnp.asarray(counts, jnp.int32)
+    size = counts.shape[0] * n_max
+    valid = (jnp.arange(size) % n_max) < jnp.repeat(counts, n_max, total_repeat_length=size)
+
+    def order(k):  # the real rows first, in a uniform random order (padding sorts last)
+        return jnp.argsort(jnp.where(valid, jax.random.uniform(k, (size,)), 2.0)).astype(jnp.int32)
+
+    t = jnp.arange(steps)
+    if batches == "iid":
+        return jax.vmap(lambda tt: order(jax.random.fold_in(key, tt))[:batch_size])(t)
+    per_epoch = jnp.maximum(jnp.sum(counts) // batch_size, 1)
+    return jax.vmap(lambda e, p: jax.lax.dynamic_slice(order(jax.random.fold_in(key, e)), (p * batch_size,),
+                                                       (batch_size,)))(t // per_epoch, t % per_epoch)
 
 
 def _stack_single(dist):
@@ -280,6 +349,12 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     Xe, Se = jnp.asarray(x[held_idx]), jnp.asarray(s[held_idx])
     zeros_tr = jnp.zeros((k_beh, n_tr), jnp.int32)
     zeros_ev = jnp.zeros((k_beh, n_ev), jnp.int32)
+    # soft labels: per-pair confidences c (training only; metrics stay on the hard labels) and, for the
+    # prediction, each behaviour's mean label smoothing ε_k = mean(1 − c) over its training rows as a flip rate
+    conf = _confidence(emb) if config.soft_labels else None
+    C = None if conf is None else jnp.asarray(conf[train_idx])  # (K, n_tr)
+    smoothing_k = np.zeros(k_beh) if conf is None else (1.0 - conf[train_idx].astype(np.float64)).mean(axis=1)
+    noise = None if conf is None else jnp.asarray(smoothing_k[:, None], jnp.float32)  # (K, 1) flip rate per fit
 
     # ---- fit (train split, per behaviour)
     flat = train_idx.reshape(-1)
@@ -306,12 +381,15 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
 
     keys = jax.random.split(k_sgd, k_beh)
     sgd = jax.vmap(lambda *a: dd.trajectory_on_data(a[:3], a[3:6], a[6], num_behaviors=1, steps=config.steps,
-                                                    batch_size=config.batch_size, head=head, **sgd_kw)
-                   )(X, S, zeros_tr, Xe, Se, zeros_ev, keys)
+                                                    batch_size=config.batch_size, head=head, label_confidence=a[7],
+                                                    **sgd_kw)
+                   )(X, S, zeros_tr, Xe, Se, zeros_ev, keys, C)
     gd = jax.vmap(lambda *a: dd.trajectory_on_data(a[:3], a[3:6], a[6], num_behaviors=1, steps=config.steps,
-                                                   batch_size=None, head=head, **common)
-                  )(X, S, zeros_tr, Xe, Se, zeros_ev, jax.random.split(k_gd, k_beh))
-    pop = jax.vmap(lambda dist: dd.population_trajectory(dist, steps=config.steps, head=head, **common))(dists)
+                                                   batch_size=None, head=head, label_confidence=a[7], **common)
+                  )(X, S, zeros_tr, Xe, Se, zeros_ev, jax.random.split(k_gd, k_beh), C)
+    predict = jax.vmap(lambda dist, ln: dd.population_trajectory(dist, steps=config.steps, head=head,
+                                                                 label_noise=ln, **common))
+    pop = predict(dists, noise)
     steps_arr = np.asarray(pop.step[0])
     curves = {
         "loss": {"train_sgd": np.asarray(sgd.train["loss"]), "train_gd": np.asarray(gd.train["loss"]),
@@ -349,7 +427,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     # which the loss first reaches a common level depends on how the drop slows down, i.e. on the covariance
     # (docs/theory.md §3); an isotropic fit with the same means and traces is the control.
     iso = dists.replace(cov_pos=_isotropic(dists.cov_pos), cov_neg=_isotropic(dists.cov_neg))
-    pop_iso = jax.vmap(lambda dist: dd.population_trajectory(dist, steps=config.steps, head=head, **common))(iso)
+    pop_iso = predict(iso, noise)
     loss_iso = np.asarray(pop_iso.metrics["loss"])
     level = config.learn_level
     if level is None:
@@ -380,59 +458,97 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     # ---- priority on real pairs (two behaviours, one head)
     priority = None
     pair_rows = []
+    bins_gap = bins_score = None
     if k_beh >= 2:
-        say("real: priority on pairs (vmapped)")
+        say(f"real: priority on pairs ({config.pair_sampling} sampling, vmapped)")
         pairs = np.array([(i, j) for i in range(k_beh) for j in range(i + 1, k_beh)])
         if len(pairs) > config.max_pairs:
             rng = np.random.default_rng(config.seed + 1)
             pairs = pairs[np.sort(rng.choice(len(pairs), config.max_pairs, replace=False))]
         pi, pj = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
-        cat = lambda A, i, j: jnp.concatenate([A[i], A[j]], axis=0)
-        beh_tr = jnp.concatenate([jnp.zeros(n_tr, jnp.int32), jnp.ones(n_tr, jnp.int32)])
+        cat = lambda A, i, j: None if A is None else jnp.concatenate([A[i], A[j]], axis=0)  # noqa: E731
         beh_ev = jnp.concatenate([jnp.zeros(n_ev, jnp.int32), jnp.ones(n_ev, jnp.int32)])
-        batch_pair = None if config.batch_size is None else min(2 * config.batch_size, 2 * n_tr)
+        union = config.pair_sampling == "union"
+        if union:
+            # each behaviour's whole training split padded to n_max rows; padding rows get behaviour 2, loss
+            # weight 0, and are never drawn (union_batch_index), so shapes stay static across pairs
+            counts = np.array([len(t) for t in info["train_all"]])
+            n_max = int(counts.max())
+            pad_idx = np.stack([np.concatenate([t, np.full(n_max - len(t), t[0])]) for t in info["train_all"]])
+            Xp, Sp = jnp.asarray(x[pad_idx]), jnp.asarray(s[pad_idx])
+            Cp = None if conf is None else jnp.asarray(conf[pad_idx])
+            pad = jnp.asarray(np.arange(n_max)[None, :] >= counts[:, None])  # (K, n_max)
+        else:
+            counts = np.full(k_beh, n_tr)
+        pair_counts = np.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], axis=1)  # (P, 2) training rows
+        batch_pair = None if config.batch_size is None else min(2 * config.batch_size, int(pair_counts.sum(1).min()))
 
         def pair_run(i, j, kk):
-            return dd.trajectory_on_data((cat(X, i, j), cat(S, i, j), beh_tr), (cat(Xe, i, j), cat(Se, i, j), beh_ev),
-                                         kk, num_behaviors=2, steps=te, batch_size=batch_pair, head=head, **sgd_kw)
+            ev = (cat(Xe, i, j), cat(Se, i, j), beh_ev)
+            if not union:
+                beh_tr = jnp.concatenate([jnp.zeros(n_tr, jnp.int32), jnp.ones(n_tr, jnp.int32)])
+                return dd.trajectory_on_data((cat(X, i, j), cat(S, i, j), beh_tr), ev, kk, num_behaviors=2,
+                                             steps=te, batch_size=batch_pair, head=head,
+                                             label_confidence=cat(C, i, j), **sgd_kw)
+            beh_tr = jnp.concatenate([jnp.where(pad[i], 2, 0), jnp.where(pad[j], 2, 1)]).astype(jnp.int32)
+            cnt = jnp.stack([jnp.asarray(counts)[i], jnp.asarray(counts)[j]])
+            lam = jnp.array([1.0, 1.0, 0.0], jnp.float32)
+            index = None
+            if batch_pair is None:  # full batch over the union: the mean over its real rows
+                lam = lam * (2 * n_max) / jnp.sum(cnt)
+            else:
+                index = union_batch_index(kk, cnt, n_max, batch_pair, te, config.batches)
+            return dd.trajectory_on_data((cat(Xp, i, j), cat(Sp, i, j), beh_tr), ev, kk, num_behaviors=3, steps=te,
+                                         batch_size=batch_pair, head=head, loss_weight=lam, batch_index=index,
+                                         label_confidence=cat(Cp, i, j), **common)
 
         pair_emp = jax.vmap(pair_run)(pi, pj, jax.random.split(k_pair, len(pairs)))
-        pair_dist = jax.vmap(lambda i, j: dd.GaussianPreference(
+        # the pair's Gaussian fit, weighted as its rows are sampled (union: natural counts; equal: 1/2 each)
+        w_pair = jnp.asarray(pair_counts / pair_counts.sum(1, keepdims=True), fit.p_pos.dtype)
+        pair_dist = jax.vmap(lambda i, j, w: dd.GaussianPreference(
             fit.mu_pos[jnp.stack([i, j])], fit.mu_neg[jnp.stack([i, j])], fit.cov_pos[jnp.stack([i, j])],
-            fit.cov_neg[jnp.stack([i, j])], fit.p_pos[jnp.stack([i, j])], jnp.full((2,), 0.5, fit.p_pos.dtype),
-            ()))(pi, pj)
-        pair_pop = jax.vmap(lambda dist: dd.population_trajectory(dist, steps=te, head=head, **common))(pair_dist)
-        bl = np.asarray(pair_emp.train["behavior_loss"])  # (P, T, 2)
+            fit.cov_neg[jnp.stack([i, j])], fit.p_pos[jnp.stack([i, j])], w, ()))(pi, pj, w_pair)
+        pair_noise = None if conf is None else jnp.asarray(
+            np.stack([smoothing_k[pairs[:, 0]], smoothing_k[pairs[:, 1]]], 1), jnp.float32)
+        pair_pop = jax.vmap(lambda dist, ln: dd.population_trajectory(dist, steps=te, head=head, label_noise=ln,
+                                                                      **common))(pair_dist, pair_noise)
+        # the covariance-aware priority score of the pair's fit over the horizon τ = η t_early (docs/theory.md §4.4)
+        score = np.asarray(jax.vmap(lambda dist: dd.priority_score(dist, beta=config.beta, horizon=config.lr * te,
+                                                                   loss=config.loss))(pair_dist))[:, 0, 1]
+        bl = np.asarray(pair_emp.train["behavior_loss"])[..., :2]  # (P, T, 2)
         bp = np.asarray(pair_pop.metrics["behavior_loss"])
         real_diff = (bl[:, 0, 0] - bl[:, -1, 0]) - (bl[:, 0, 1] - bl[:, -1, 1])  # > 0: i learned first
         pred_diff = (bp[:, 0, 0] - bp[:, -1, 0]) - (bp[:, 0, 1] - bp[:, -1, 1])
         gap = props.priority_gap[pairs[:, 0], pairs[:, 1]]
         agree_gap = np.sign(gap) == np.sign(real_diff)
+        agree_score = np.sign(score) == np.sign(real_diff)
         agree_pop = np.sign(pred_diff) == np.sign(real_diff)
         agree_gap_pop = np.sign(gap) == np.sign(pred_diff)
-        bins = []
-        for lo, hi in zip(GAP_BINS[:-1], GAP_BINS[1:]):
-            m = (np.abs(gap) >= lo) & (np.abs(gap) < hi)
-            bins.append({"lo": lo, "hi": hi if math.isfinite(hi) else None, "pairs": int(m.sum()),  # None: ∞
-                         "agreement_gap": float(agree_gap[m].mean()) if m.any() else float("nan")})
-        priority = {"pairs": int(len(pairs)), "steps": te,
+        bins_gap = _agreement_bins(gap, agree_gap)
+        bins_score = _agreement_bins(score, agree_score)
+        priority = {"pairs": int(len(pairs)), "steps": te, "pair_sampling": config.pair_sampling,
+                    "horizon": config.lr * te,
                     "agreement_gap_vs_real": float(agree_gap.mean()),
+                    "agreement_score_vs_real": float(agree_score.mean()),
                     "agreement_population_vs_real": float(agree_pop.mean()),
-                    "agreement_gap_vs_population": float(agree_gap_pop.mean()), "by_abs_gap": bins}
+                    "agreement_gap_vs_population": float(agree_gap_pop.mean()),
+                    "by_abs_gap": [dict(b, agreement_gap=b["agreement"]) for b in bins_gap],
+                    "by_abs_score": bins_score}
         for p in range(len(pairs)):
-            pair_rows.append([names[pairs[p, 0]], names[pairs[p, 1]], f"{gap[p]:.6g}", f"{real_diff[p]:.6g}",
-                              f"{pred_diff[p]:.6g}", int(agree_gap[p]), int(agree_pop[p])])
+            pair_rows.append([names[pairs[p, 0]], names[pairs[p, 1]], f"{gap[p]:.6g}", f"{score[p]:.6g}",
+                              f"{real_diff[p]:.6g}", f"{pred_diff[p]:.6g}", int(agree_gap[p]), int(agree_score[p]),
+                              int(agree_pop[p]), int(pair_counts[p, 0]), int(pair_counts[p, 1])])
 
     # ---- misalignment: flipped labels from the aligned (end-of-SGD) head, which is also the reference
     say("real: misalignment with flipped labels (vmapped)")
     aligned_w = sgd.weights  # (K, V, d)
     heads = dd.Head(w_ref=aligned_w, w_init=aligned_w, a=head.a, b=head.b)
-    mis = jax.vmap(lambda xx, ss, bb, xe, se, be, kk, h: dd.trajectory_on_data(
+    mis = jax.vmap(lambda xx, ss, bb, xe, se, be, kk, h, cc: dd.trajectory_on_data(
         (xx, -ss, bb), (xe, -se, be), kk, num_behaviors=1, steps=config.misalign_steps,
-        batch_size=config.batch_size, head=h, **sgd_kw))(X, S, zeros_tr, Xe, Se, zeros_ev,
-                                                         jax.random.split(k_mis, k_beh), heads)
-    mis_pop = jax.vmap(lambda dist, h: dd.population_trajectory(_flip(dist), steps=config.misalign_steps, head=h,
-                                                                **common))(dists, heads)
+        batch_size=config.batch_size, head=h, label_confidence=cc, **sgd_kw))(
+            X, S, zeros_tr, Xe, Se, zeros_ev, jax.random.split(k_mis, k_beh), heads, C)
+    mis_pop = jax.vmap(lambda dist, h, ln: dd.population_trajectory(_flip(dist), steps=config.misalign_steps, head=h,
+                                                                    label_noise=ln, **common))(dists, heads, noise)
     mis_steps = np.asarray(mis_pop.step[0])
     mis_loss_real = np.asarray(mis.train["loss"])
     mis_loss_pred = np.asarray(mis_pop.metrics["loss"])
@@ -471,6 +587,7 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
             "misalign_loss_real": float(mis_loss_real[k, -1]), "misalign_loss_predicted": float(mis_loss_pred[k, -1]),
             "misalign_steps_below_half_real": float(t_below_real[k]),
             "misalign_steps_below_half_predicted": float(t_below_pred[k]),
+            "label_smoothing_mean": float(smoothing_k[k]),
         })
     summary = {
         "model": emb.model, "backend": emb.backend, "num_behaviors": k_beh, "d": emb.dim,
@@ -489,7 +606,9 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
         "median_relative_prediction_error": float(np.nanmedian(rel_err)) if np.any(np.isfinite(rel_err)) else None,
         "median_accuracy_prediction_error": float(np.median(acc_err)),
         "median_accuracy_prediction_error_gd": float(np.median(acc_err_gd)),
-        "priority": priority, "misalignment": misalignment, "diverged": diverged,
+        "soft_labels": config.soft_labels,
+        "priority": priority, "priority_agreement_gap": bins_gap, "priority_agreement_score": bins_score,
+        "misalignment": misalignment, "diverged": diverged,
         "wall_seconds": wall, "behaviors": behaviors,
     }
     (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, default=_json_default) + "\n")
@@ -512,8 +631,9 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     if pair_rows:
         with open(out / "priority.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["behavior_i", "behavior_j", "priority_gap", "real_drop_i_minus_j", "predicted_drop_i_minus_j",
-                        "gap_agrees", "population_agrees"])
+            w.writerow(["behavior_i", "behavior_j", "priority_gap", "priority_score", "real_drop_i_minus_j",
+                        "predicted_drop_i_minus_j", "gap_agrees", "score_agrees", "population_agrees", "train_rows_i",
+                        "train_rows_j"])
             w.writerows(pair_rows)
     figures = _figures(out, names, steps_arr, curves, dist_k, drop_real, drop_pred, err_sgd, err_gd, rho,
                        pair_rows and (props.priority_gap, pairs, real_diff), mis_steps, mis_loss_real,
@@ -522,6 +642,48 @@ def run_real(emb, out_dir, config: RealConfig = RealConfig(), *, progress=print)
     (out / "real.md").write_text(_markdown(summary, config, figures))
     say(f"real: wrote {out}/real.md in {wall:.1f} s")
     return summary
+
+
+def _agreement_bins(values, agree):
+    """Sign agreement by ``|values|`` bin (:data:`GAP_BINS`): per bin ``lo``, ``hi`` (None = ∞), ``pairs``,
+    ``agree`` (count) and ``agreement`` (fraction; NaN for an empty bin)."""
+    out = []
+    for lo, hi in zip(GAP_BINS[:-1], GAP_BINS[1:]):
+        m = (np.abs(values) >= lo) & (np.abs(values) < hi)
+        out.append({"lo": lo, "hi": hi if math.isfinite(hi) else None, "pairs": int(m.sum()),
+                    "agree": int(agree[m].sum()), "agreement": float(agree[m].mean()) if m.any() else float("nan")})
+    return out
+
+
+def _confidence(emb):
+    """Per-row label confidences ``(n,)`` in [1/2, 1] for ``soft_labels``: the emb.npz's ``confidence``, else the
+    ``label_confidence`` of each statement's line in its persona file (``files``, ``line``, ``file_sha256``).
+
+    Raises:
+      ValueError: no confidence anywhere, a missing value, or one outside [1/2, 1] (named, with the fix).
+    """
+    conf = emb.confidence
+    if conf is None:
+        if not emb.files or not any(emb.files) or emb.line is None or not np.any(np.asarray(emb.line) > 0):
+            raise ValueError("soft_labels needs per-row label confidences: the embedding file has no confidence array "
+                             "and records no persona files; embed TRL data with --confidence-column COL, or drop "
+                             "--soft-labels")
+        from .persona import read_label_confidence
+
+        conf = np.full(emb.n, np.nan, np.float32)
+        sha = emb.file_sha256 or ("",) * emb.num_behaviors
+        for k, path in enumerate(emb.files):
+            rows = np.flatnonzero(emb.behavior == k)
+            conf[rows] = read_label_confidence(path, np.asarray(emb.line)[rows], sha[k] or None)
+    conf = np.asarray(conf, np.float32)
+    bad = ~np.isfinite(conf)
+    if bad.any():
+        raise ValueError(f"soft_labels: {int(bad.sum())} of {emb.n} rows have no label confidence; give every row one, "
+                         "or drop --soft-labels")
+    if conf.min() < 0.5 or conf.max() > 1.0:
+        raise ValueError(f"soft_labels: label confidences span [{conf.min():.3g}, {conf.max():.3g}]; they must lie in "
+                         "[1/2, 1] (a confidence c < 1/2 is the other label with confidence 1 − c: flip it)")
+    return conf
 
 
 def _finite(v):
@@ -669,7 +831,8 @@ def _markdown(summary, config, figures, prefix="") -> str:
         f"(class-stratified {1 - c.held_out:.0%}/{c.held_out:.0%} split, subsampled to a common size; "
         f"{summary['dropped_total']} rows dropped). Head: {summary['head']}. "
         f"DPO `{c.loss}`, β = {c.beta}, SGD lr = {c.lr}, batch {c.batch_size} ({c.batches} batches), {c.steps} steps; "
-        f"t_early = {c.early_steps}; seed {c.seed}. Wall time {summary['wall_seconds']:.1f} s.", "",
+        f"t_early = {c.early_steps}; pair runs: {c.pair_sampling} sampling; soft labels "
+        f"{'on' if c.soft_labels else 'off'}; seed {c.seed}. Wall time {summary['wall_seconds']:.1f} s.", "",
         "## Headline", "",
         f"- **Held-out** Gaussian prediction error, median over behaviours of max_t |L_held-out(t) − L_pred(t)| "
         f"(the fit and the run on the training split, the loss on the held-out split): "
@@ -692,13 +855,23 @@ def _markdown(summary, config, figures, prefix="") -> str:
         f"nearly implied by C1's first-order term, so not evidence for the Gaussian model by itself.",
     ]
     if pr:
-        lines.append(f"- Priority on {pr['pairs']} real pairs (loss drop over {pr['steps']} steps): the sign of the "
-                     f"priority gap picks the behaviour learned first in **{pr['agreement_gap_vs_real']:.0%}** of pairs; "
-                     f"the population prediction of the pair in {pr['agreement_population_vs_real']:.0%}.")
+        lines.append(f"- Priority on {pr['pairs']} real pairs (loss drop over {pr['steps']} steps; minibatches from "
+                     f"{'the union of the two training splits, natural counts' if pr['pair_sampling'] == 'union' else 'equal counts'}): "
+                     f"the sign of the paper's priority gap (means only) picks the behaviour learned first in "
+                     f"**{pr['agreement_gap_vs_real']:.0%}** of pairs, the covariance-aware priority score "
+                     f"(`dynamics.priority_score`, τ = {_fmt(float(pr['horizon']), 2)}) in "
+                     f"**{pr['agreement_score_vs_real']:.0%}**, the population prediction of the pair in "
+                     f"{pr['agreement_population_vs_real']:.0%}.")
     lines.append(f"- Misalignment (flipped labels from the aligned head, {mis['steps']} steps): median loss "
                  f"{_fmt(mis['median_loss_real'])} real vs {_fmt(mis['median_loss_predicted'])} predicted; "
                  f"Spearman ρ(distinguishability, early misalignment drop) = "
                  f"{_fmt(mis['spearman_rho_distinguishability_vs_early_drop'])}.")
+    if summary["soft_labels"]:
+        smoothing = [b["label_smoothing_mean"] for b in summary["behaviors"]]
+        lines.append(f"- Soft labels: pair i trained on c_i ℓ(h_i) + (1 − c_i) ℓ(−h_i) with its label confidence c_i "
+                     f"(per-pair cDPO, ε_i = 1 − c_i); the prediction uses each behaviour's mean ε_k as a flip rate "
+                     f"(median ε_k {float(np.median(smoothing)):.3f}, range {min(smoothing):.3f}–"
+                     f"{max(smoothing):.3f}); metrics on the hard labels.")
     if summary["diverged"]:
         lines.append("- **WARNING**: a run diverged (NaN/inf); lower lr or β.")
     lines += ["", "## Per behaviour", "",
@@ -716,11 +889,12 @@ def _markdown(summary, config, figures, prefix="") -> str:
             f"{b['misalign_loss_real']:.3f} / {b['misalign_loss_predicted']:.3f} | "
             f"{_fmt(b['misalign_steps_below_half_real'], 0)} / {_fmt(b['misalign_steps_below_half_predicted'], 0)} |")
     if pr:
-        lines += ["", "## Priority by |gap| (claim C4)", "", "| abs(gap) | pairs | gap sign agrees with real |",
-                  "|---|---|---|"]
-        for b in pr["by_abs_gap"]:
-            hi = "∞" if b["hi"] is None else f"{b['hi']}"
-            lines.append(f"| [{b['lo']}, {hi}) | {b['pairs']} | {_fmt(b['agreement_gap'], 2)} |")
+        for what, key in (("gap", "priority_agreement_gap"), ("score", "priority_agreement_score")):
+            lines += ["", f"## Priority by |{what}| (claim C4{'' if what == 'gap' else ', covariance-aware priority score'})",
+                      "", f"| abs({what}) | pairs | {what} sign agrees with real |", "|---|---|---|"]
+            for b in summary[key]:
+                hi = "∞" if b["hi"] is None else f"{b['hi']}"
+                lines.append(f"| [{b['lo']}, {hi}) | {b['pairs']} | {b['agree']} ({_fmt(b['agreement'], 2)}) |")
     lines += ["", "## Figures", ""]
     captions = {"loss": "DPO loss per behaviour: real (SGD train, full-batch GD train, held-out) vs the Gaussian "
                         "prediction", "reward_accuracy": "reward accuracy, same layout",
@@ -790,7 +964,7 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
     ]
     if pr:
         lines.append(f"- priority gap sign picks the behaviour learned first in {pr['agreement_gap_vs_real']:.0%} "
-                     f"of {pr['pairs']} pairs")
+                     f"of {pr['pairs']} pairs (covariance-aware priority score: {pr['agreement_score_vs_real']:.0%})")
     lines.append(f"- misalignment: Spearman ρ(distinguishability, early drop) = "
                  f"{_fmt(summary['misalignment']['spearman_rho_distinguishability_vs_early_drop'])}")
     lines += ["", "Details: [real/real.md](real/real.md), per-behaviour properties: "
@@ -805,60 +979,72 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
 
 
 # -------------------------------------------------------------------- CLI
-def register(sub) -> None:
-    """Add the ``real`` sub-command."""
+def real_fields():
+    """``dpo-sims real``'s options as :class:`sims.sweep.schema.Field` records (JAX-free).
+
+    One schema makes the argparse flags (``--NAME`` for ``NAME``, range-checked: a bad
+    value is a usage error, exit 2) and their ``--help`` through
+    :func:`sims.sweep.schema.add_arguments`; defaults are :class:`RealConfig`'s
+    (``batch_size`` 0 = full batch, ``shrinkage`` "none").
+    """
+    from .sweep.schema import LOSS_NAMES, Field
+
     d = RealConfig()
-    # "%(default).0s" in a help text prints nothing: it stops ArgumentDefaultsHelpFormatter from appending
-    # "(default: None)" to options whose default is described in words or that are required.
+    return (
+        Field("beta", "float", d.beta, "base", "β of the loss (dimensionless; for sigmoid the curves depend on β and "
+              "--lr only through lr·β²)", low=0.0, low_open=True),
+        Field("lr", "float", d.lr, "base", "SGD learning rate η on the head W (per step)", low=0.0, low_open=True),
+        Field("batch_size", "int", d.batch_size or 0, "base", "minibatch size in preference pairs; 0 = full batch "
+              "(gradient descent)", low=0),
+        Field("steps", "int", d.steps, "base", "optimizer steps of the alignment runs, ≥ --early-steps", low=1),
+        Field("held_out", "float", d.held_out, "base", "held-out fraction of each behaviour's statements; 0.1 = a "
+              "90/10 split", low=0.0, low_open=True, high=1.0, high_open=True),
+        Field("early_steps", "int", d.early_steps, "base", "t_early in steps, ≤ min(--steps, --misalign-steps): the "
+              "early loss drop L(0) − L(t_early) in nats (C1) and the step at which priority is judged (C4)", low=1),
+        Field("loss", "str", d.loss, "base", "preference loss (TRL loss_type): sigmoid (DPO), cdpo, robust, hinge or "
+              "ipo", choices=LOSS_NAMES),
+        Field("max_pairs", "int", d.max_pairs, "base", "at most this many behaviour pairs (a seeded random subset of "
+              "the K(K−1)/2) trained together on one head for priority (C4)", low=1),
+        Field("misalign_steps", "int", d.misalign_steps, "base", "optimizer steps of the flipped-label run "
+              "(misalignment, C5) from each behaviour's aligned head, ≥ --early-steps", low=1),
+        Field("head", "str", d.head, "base", "initial and reference head: reference = the model's Yes/No output rows "
+              "(only in causal-LM embedding files), zeros = the zero head, auto = reference when the file has the "
+              "rows, else zeros", choices=("auto", "zeros", "reference")),
+        Field("shrinkage", "str", "none", "base", "covariance shrinkage of the Gaussian fit: none (sample covariance "
+              "S), ledoit-wolf (Ledoit–Wolf α per class), or a float α in [0, 1]: (1 − α) S + α (tr S/d) I"),
+        Field("batches", "str", d.batches, "base", "SGD minibatch order: epoch (per-epoch reshuffle) or iid (a fresh "
+              "random batch each step, as in Im & Li's code)", choices=("epoch", "iid")),
+        Field("pair_sampling", "str", d.pair_sampling, "base", "rows of the pair runs (priority, C4): union = "
+              "minibatches from the union of the two behaviours' whole training splits, natural counts (as Im & Li); "
+              "equal = the common size each", choices=PAIR_SAMPLING),
+        Field("soft_labels", "bool", d.soft_labels, "base", "train on per-pair soft labels c·ℓ(h) + (1 − c)·ℓ(−h) "
+              "from the label confidence c ∈ [1/2, 1] (emb.npz confidence, else the persona files' "
+              "label_confidence); the prediction uses each behaviour's mean ε = 1 − c as a flip rate"),
+        Field("seed", "int", d.seed, "base", "integer seed of the split, the subsampling, the pair choice and the SGD "
+              "batch order"),
+    )
+
+
+def register(sub) -> None:
+    """Add the ``real`` sub-command; its options come from :func:`real_fields` (one schema for flags and help)."""
+    from .sweep.schema import add_arguments
+
     p = sub.add_parser("real", help="last-layer DPO on real embeddings vs the Gaussian prediction",
                        description="Per behaviour of an emb.npz: a class-stratified train/held-out split "
                        "(--held-out, 90/10 by default), SGD on the real embeddings (vmapped over behaviours) beside "
                        "the population prediction (population_trajectory) of the Gaussian fit of the training "
                        "split. Reports the held-out prediction error in nats (headline; in-sample beside it), time to "
                        "learn real vs predicted (a covariance test, with an isotropic control), Spearman ρ between "
-                       "distinguishability and the early loss drop (C1), priority on behaviour pairs (C4) and "
-                       "misalignment (C5); writes "
+                       "distinguishability and the early loss drop (C1), priority on behaviour pairs (C4: the gap "
+                       "and the covariance-aware priority score) and misalignment (C5); writes "
                        "real.md, summary.json, behaviors.csv, curves.csv, priority.csv and PNG figures to --out. "
-                       "Persona data: Perez et al. 2022, CC-BY-4.0.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "Persona data: Perez et al. 2022, CC-BY-4.0.")
     p.add_argument("embeddings", help="emb.npz written by `dpo-sims embed` (embeddings, ±1 labels, behaviour index)")
-    p.add_argument("--out", required=True, help="output folder, created if missing (required)%(default).0s")
-    p.add_argument("--beta", type=float, default=d.beta,
-                   help="β > 0 of the loss (dimensionless; for sigmoid the curves depend on β and --lr only "
-                   "through lr·β²)")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate η > 0 on the head W (per step)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="minibatch size in preference pairs, ≥ 1; 0 = full batch (gradient descent)")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help="optimizer steps of the alignment runs, ≥ 1 and ≥ --early-steps")
-    p.add_argument("--held-out", type=float, default=d.held_out,
-                   help="held-out fraction of each behaviour's statements, in (0, 1); 0.1 = a 90/10 split")
-    p.add_argument("--early-steps", type=int, default=d.early_steps,
-                   help="t_early in steps, 1 ≤ t_early ≤ min(--steps, --misalign-steps): the early loss drop "
-                   "L(0) − L(t_early) in nats (C1) and the step at which priority is judged (C4)")
-    p.add_argument("--loss", default=d.loss,
-                   help="preference loss (TRL loss_type): sigmoid (DPO), cdpo, robust, hinge or ipo")
-    p.add_argument("--max-pairs", type=int, default=d.max_pairs,
-                   help="at most this many behaviour pairs (a seeded random subset of the K(K−1)/2; ≥ 1) trained "
-                   "together on one head for priority (C4)")
-    p.add_argument("--misalign-steps", type=int, default=d.misalign_steps,
-                   help="optimizer steps of the flipped-label run (misalignment, C5) from each behaviour's "
-                   "aligned head, ≥ --early-steps")
-    p.add_argument("--head", default=d.head, choices=("auto", "zeros", "reference"),
-                   help="initial and reference head: reference = the model's Yes/No output rows (only in "
-                   "causal-LM embedding files), zeros = the zero head, auto = reference when the file has the rows, "
-                   "else zeros")
-    p.add_argument("--shrinkage", default="none",
-                   help="covariance shrinkage of the Gaussian fit: none (sample covariance S), ledoit-wolf "
-                   "(Ledoit–Wolf α per class), or a float α in [0, 1]: (1 − α) S + α (tr S/d) I")
-    p.add_argument("--batches", default=d.batches, choices=("epoch", "iid"),
-                   help="SGD minibatch order: epoch (per-epoch reshuffle) or iid (a fresh random batch each step, "
-                   "as in Im & Li's code)")
+    p.add_argument("--out", required=True, help="output folder, created if missing (required)")
+    add_arguments(p, real_fields())
     p.add_argument("--learn-level", type=float, default=None,
                    help="loss level (nats) of the time-to-learn test (default: half the median predicted loss drop "
-                   "below the start)%(default).0s")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="integer seed of the split, the subsampling, the pair choice and the SGD batch order")
+                   "below the start)")
     p.set_defaults(func=run_cli)
 
 
@@ -870,7 +1056,8 @@ def run_cli(args) -> int:
                         held_out=args.held_out, seed=args.seed, early_steps=args.early_steps, loss=args.loss,
                         max_pairs=args.max_pairs, misalign_steps=args.misalign_steps, head=args.head,
                         shrinkage=None if shrink == "none" else shrink, batches=args.batches,
-                        learn_level=args.learn_level).validate()
+                        learn_level=args.learn_level, pair_sampling=args.pair_sampling,
+                        soft_labels=args.soft_labels).validate()
     emb = EmbeddingSet.load(args.embeddings)
     summary = run_real(emb, args.out, config)
     print(f"heldout_prediction_error={_fmt(summary['heldout_prediction_error'], 4)} nats "

@@ -1,5 +1,14 @@
 """``dpo-sims simulate``: analytic and empirical trajectories side by side.
 
+One configuration of the sweep's model: the flags are generated from the sweep
+schema (:data:`sims.sweep.schema.FIELDS`, via :func:`sims.sweep.schema.add_arguments`), so
+their names, types, choices, ranges, help and defaults are those of a sweep config's
+``[base]`` keys (docs/sweeps.md); ``--seed`` is the sweep's base seed. Only the display
+flags (``--rows``) and ``--dist`` are simulate's own. The distribution is the sweep's
+(:func:`sims.sweep.build_distribution`: K behaviours from a list of distinguishabilities,
+orthogonal preference directions), and the table comes from the core
+:func:`dynamics.population_trajectory` / :func:`dynamics.empirical_trajectory`.
+
 JAX and ``dynamics`` are imported when the command runs, not at import, so
 ``dpo-sims simulate --help`` is instant.
 Exit codes: 0; 1 when a trajectory diverged (NaN/inf, or the loss rose far above its
@@ -9,10 +18,16 @@ from __future__ import annotations
 
 import argparse
 
+from .sweep.schema import FIELDS, add_arguments
+
 _COLUMNS = ("loss", "reward_accuracy")
 
-#: ``dynamics.LOSSES`` (kept here so ``--help`` needs no JAX; a test checks they agree)
-LOSS_CHOICES = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
+#: the sweep fields simulate takes as flags (same names, rules and defaults as a sweep's [base])
+SIMULATE_FIELDS = ("distinguishability", "d", "sigma", "p", "beta", "lr", "steps", "loss", "label_smoothing",
+                   "optimizer", "n", "n_eval", "batch_size")
+
+#: ``dynamics.LOSSES`` (the sweep schema's JAX-free copy; a test checks they agree)
+LOSS_CHOICES = FIELDS["loss"].choices
 
 
 def register(sub) -> None:
@@ -20,44 +35,65 @@ def register(sub) -> None:
         "simulate",
         help="one configuration: population vs empirical loss, accuracy, weight change",
         description="Train the last-layer head on one Gaussian preference distribution and print the "
-        "population (N → ∞) prediction beside the empirical run (training and held-out) at a few steps.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "population (N → ∞) prediction beside the empirical run (training and held-out) at a few steps. "
+        "The model flags are the sweep config's [base] keys (docs/sweeps.md), with the same defaults; "
+        "a list of distinguishabilities gives K behaviours with orthogonal preference directions.",
     )
-    p.add_argument("--distinguishability", type=float, default=1.0, help="Δ = ‖μ⁺ − μ⁻‖")
-    p.add_argument("--d", type=int, default=16, help="embedding dimension")
-    p.add_argument("--sigma", type=float, default=1.0, help="per-coordinate std of the embeddings")
-    p.add_argument("--p", type=float, default=0.5, help="probability that the preferred answer is 'Yes'")
-    p.add_argument("--dist", default=None, help="a distribution .npz file (docs/theory.md §2.4) (overrides the above)")
-    p.add_argument("--beta", type=float, default=1.0, help="DPO β")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate on the head W")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps on the head")
-    p.add_argument("--loss", default="sigmoid", choices=LOSS_CHOICES, help="preference loss (TRL loss_type names)")
-    p.add_argument("--eps", type=float, default=0.0, help="label smoothing ε (cdpo, robust)")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
-                   help="sgd = plain (minibatch) gradient descent")
-    p.add_argument("--n", type=int, default=1024, help="training pairs")
-    p.add_argument("--n-eval", type=int, default=4096, help="held-out pairs")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size; omit or 0 for full-batch GD")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (>= 0) of the sampled pairs and batch order")
-    p.add_argument("--rows", type=int, default=6, help="number of steps shown")
+    add_arguments(p, [FIELDS[name] for name in SIMULATE_FIELDS])
+    p.add_argument("--seed", type=int, default=0,
+                   help="base PRNG seed (>= 0) of the sampled pairs and batch order, as a sweep's seed (default 0)")
+    p.add_argument("--dist", default=None,
+                   help="a distribution .npz file (docs/theory.md §2.4); replaces --distinguishability, --d, "
+                        "--sigma and --p")
+    p.add_argument("--rows", type=int, default=6, help="number of steps shown (default 6)")
     p.set_defaults(func=run)
 
 
 def _check_args(args) -> None:
-    """One-line errors for bad flags, before JAX is imported or anything is sampled."""
+    """One-line errors for what the per-flag rules cannot see, before JAX is imported or anything is sampled.
+
+    The cross-field rules are the sweep config's (``batch_size ≤ n``, ``d ≥ K``, per-behaviour lists of
+    1 or K values); ``--seed`` and ``--rows`` are checked here.
+    """
     if args.rows < 2:
         raise ValueError(f"--rows must be >= 2, got {args.rows}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 (as in sweep configs), got {args.seed}")
-    if args.batch_size is not None and args.batch_size < 0:
-        raise ValueError(f"--batch-size must be >= 1, or 0 / omitted for full batch; got {args.batch_size}")
-    if args.batch_size is not None and args.batch_size > args.n:
+    if args.batch_size > args.n:
         raise ValueError(f"--batch-size {args.batch_size} exceeds --n {args.n}; pass --batch-size <= --n, "
                          "or 0 for full batch")
-    for flag in ("steps", "n", "n_eval", "d"):
-        if getattr(args, flag) < (0 if flag == "steps" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'steps' else 1}, "
-                             f"got {getattr(args, flag)}")
+    if args.dist:
+        return
+    k = len(_values(args.distinguishability))
+    for name in ("sigma", "p"):
+        if len(_values(getattr(args, name))) not in (1, k):
+            raise ValueError(f"--{name} takes 1 value or one per behaviour (K = {k}, from --distinguishability), "
+                             f"got {len(_values(getattr(args, name)))}")
+    if args.d < k:
+        raise ValueError(f"--d {args.d} is smaller than K = {k} behaviours; pass --d >= {k}")
+
+
+def _values(v) -> list:
+    """A per-behaviour flag as a list (its default is the field's scalar default)."""
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _distribution(args):
+    """The sweep's distribution of these flags (or the ``--dist`` file)."""
+    import dynamics as dd
+
+    if args.dist:
+        try:
+            return dd.GaussianPreference.load(args.dist)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--dist: {e}") from None
+    from .sweep import build_distribution
+
+    delta = _values(args.distinguishability)
+    per = lambda v: _values(v) * len(delta) if len(_values(v)) == 1 else _values(v)
+    fields = {"distinguishability": delta, "sigma": per(args.sigma), "p": per(args.p),
+              "angle": FIELDS["angle"].default}
+    return build_distribution(fields, d=args.d)[0]
 
 
 def run(args) -> int:
@@ -67,19 +103,16 @@ def run(args) -> int:
 
     import dynamics as dd
 
-    if args.dist:
-        try:
-            dist = dd.GaussianPreference.load(args.dist)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--dist: {e}") from None
-    else:
-        dist = dd.GaussianPreference.single(args.distinguishability, d=args.d, sigma=args.sigma, p=args.p)
+    dist = _distribution(args)
     rows = max(2, min(args.rows, args.steps + 1))
     shown = np.unique(np.linspace(0, args.steps, rows).round().astype(int))
-    common = dict(beta=args.beta, lr=args.lr, steps=args.steps, loss=args.loss, eps=args.eps,
+    common = dict(beta=args.beta, lr=args.lr, steps=args.steps, loss=args.loss, label_smoothing=args.label_smoothing,
                   optimizer=None if args.optimizer == "sgd" else args.optimizer)
     pop = dd.population_trajectory(dist, **common)
-    emp = dd.empirical_trajectory(dist, jax.random.key(args.seed), n=args.n, n_eval=args.n_eval,
+    from .sweep import seed_key
+
+    # seed index 0 of a sweep with this base seed: the same pairs as the sweep's first seed
+    emp = dd.empirical_trajectory(dist, seed_key(args.seed, 0), n=args.n, n_eval=args.n_eval,
                                   batch_size=args.batch_size or None, **common)
     print(f"# one behaviour set: K={dist.num_behaviors}, d={dist.dim}, "
           f"distinguishability={np.round(np.asarray(dist.distinguishability), 4).tolist()}, "

@@ -19,6 +19,20 @@ Layout (``docs/sweeps.md`` describes every variable):
   such a directory is ever replaced (``--overwrite``), and only when it holds
   nothing but the store's own files.
 
+The root attributes ``store_arrays`` (every array: variables and coordinates) and
+``store_array_metadata`` (JSON: each variable's ``.zarray`` and ``.zattrs``) are recorded when the
+store is created, so a variable whose folder was deleted (``rm -r STORE/loss``, or the
+``chunk_digest`` / ``chunk_done`` bookkeeping) is found by :func:`verify_store` even after
+``.zmetadata`` was rebuilt, recreated by ``verify --repair`` (a coordinate only by a resume, from
+the template) and its chunks recomputed.
+
+One writer at a time: ``dpo-sims sweep`` and ``verify --repair`` hold an advisory lock
+(``fcntl.flock`` on ``.NAME.lock`` next to the store ``NAME``, a file that names the holder
+``PID@HOST``; outside the store, so zarr never lists it) while they write; a second writer is refused in one line naming the holder. The kernel drops the lock when
+its process ends, so a lock left by a killed process (its file still naming a dead PID) is taken
+over. On a filesystem without ``flock`` the file alone decides: a live PID of this host holds
+it, a dead one is taken over.
+
 Rules when a store is reopened (:meth:`ResultsStore.prepare`): another config
 (its fingerprint; the labels ``name`` and ``description`` are not part of it) is
 refused unless overwriting; another package, code, JAX or jaxlib version is
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -45,6 +60,7 @@ import socket
 import sys
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +82,9 @@ __all__ = [
     "verify_store",
     "open_results",
     "diverged_summary",
+    "LOCK_FILE",
+    "store_lock_holder",
+    "release_all_locks",
 ]
 
 #: version of the on-disk layout described above (attribute ``dpo_sims_store``)
@@ -79,6 +98,8 @@ ENGINE_VERSION_KEYS = ("dynamics_version", "code_digest", "jax_version", "jaxlib
 OTHER_VERSION_KEYS = ("numpy_version", "zarr_version", "xarray_version", "python_version")
 _META_FILES = (".zgroup", ".zattrs", ".zmetadata")
 _BOOKKEEPING = ("chunk_done", "chunk_digest")
+#: the advisory lock of a store's writer, next to the store (``fcntl.flock``; it names the holder PID@HOST)
+LOCK_FILE = ".{name}.lock"
 
 
 # --------------------------------------------------------------------------- fingerprints, versions
@@ -113,13 +134,13 @@ def _code_files() -> list[Path]:
     if spec is not None and spec.origin:
         files += sorted(Path(spec.origin).parent.glob("*.py"))
     here = Path(__file__).resolve().parent
-    files += [here / name for name in ("sweep.py", "distributed.py")]
+    files += sorted((here / "sweep").glob("*.py")) + [here / "distributed.py"]  # the sweep package
     return [f for f in files if f.is_file()]
 
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """SHA-256 (first 16 hex digits) of the numerics' source: ``dynamics/*.py``, ``sims/sweep.py``,
+    """SHA-256 (first 16 hex digits) of the numerics' source: ``dynamics/*.py``, ``sims/sweep/*.py``,
     ``sims/distributed.py`` (file names and contents; about 1 ms). Cached for the process."""
     h = hashlib.sha256()
     for f in _code_files():
@@ -329,6 +350,186 @@ def _clean_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+# --------------------------------------------------------------------------- the writer's lock
+class _Lock:
+    """One ``flock`` held by this process on a store's lock file (shared by its holders: counted)."""
+
+    def __init__(self, fd: int, lock_file: Path):
+        self.fd, self.lock_file, self.count = fd, lock_file, 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count > 0 or self.fd < 0:
+            return
+        try:  # remove the file while still holding the lock (a waiter then sees another inode and retries)
+            if os.stat(self.lock_file).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.lock_file)
+        except OSError:
+            pass
+        try:
+            os.close(self.fd)  # closing the descriptor drops the flock
+        except OSError:
+            pass
+        self.fd = -1
+
+
+_LOCKS: dict = {}  # realpath of a store -> the _Lock this process holds on it
+
+
+def _lock_path(path) -> Path:
+    path = Path(path)
+    return path.parent / LOCK_FILE.format(name=path.name)
+
+
+def _parse_holder(text: str):
+    """``(pid, host, line)`` from a lock file's first line ``PID@HOST since … (command)``."""
+    text = (text or "").strip()
+    line = text.splitlines()[0] if text else ""
+    m = re.match(r"^(\d+)@(\S+)", line)
+    return (int(m.group(1)), m.group(2), line) if m else (None, None, line)
+
+
+def _read_lock(path) -> str:
+    try:
+        return _lock_path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _in_use_error(path, holder: str) -> UsageError:
+    return UsageError(f"{path} is being written by another dpo-sims process ({holder or 'holder unknown'}); wait "
+                      "for it to finish or stop it (two writers would interleave chunks), or choose another --out")
+
+
+def _flock_unsupported(e: OSError) -> bool:
+    return e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+
+
+def _live_elsewhere(pid, host) -> bool:
+    """Whether the holder ``pid@host`` named by a lock file may still run (another host: assumed so)."""
+    if pid is None or (pid == os.getpid() and host == socket.gethostname()):
+        return False
+    return host != socket.gethostname() or _pid_alive(pid)
+
+
+def store_lock_holder(path):
+    """Who holds the writer's lock of the store ``path``: ``"PID@HOST since TIME (command)"``, or None when
+    nobody (or this process) does. Does not take it."""
+    import fcntl
+
+    path = Path(path)
+    if os.path.realpath(path) in _LOCKS:
+        return None
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _parse_holder(_read_lock(path))[2] or "holder unknown"
+        except OSError as e:
+            if not _flock_unsupported(e):
+                raise
+            pid, host, line = _parse_holder(_read_lock(path))
+            return line if _live_elsewhere(pid, host) else None
+        return None
+    finally:
+        os.close(fd)
+
+
+def _acquire_lock(path, *, log=None):
+    """Take the writer's lock of the store ``path`` (existing or about to be created) for this process.
+
+    The lock is ``fcntl.flock`` on ``.NAME.lock`` next to the store, whose text names the holder
+    (``PID@HOST since TIME (command)``); re-entrant within a process (counted); the file is removed on
+    release. A file left by a dead process is taken over (noted in ``log``). Returns the lock, or None
+    where no lock file can be created (a read-only folder, where nobody else can write either).
+
+    Raises:
+      UsageError: another live process holds it (``PID@HOST`` named).
+    """
+    import fcntl
+
+    path = Path(path)
+    key = os.path.realpath(path)
+    held = _LOCKS.get(key)
+    if held is not None and held.fd >= 0:
+        held.count += 1
+        return held
+    lock_file = _lock_path(path)
+    for _ in range(20):  # retried only when the file was replaced between open and flock
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            previous = _parse_holder(_read_lock(path))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use_error(path, previous[2]) from None
+            except OSError as e:
+                if not _flock_unsupported(e):
+                    raise
+                if _live_elsewhere(previous[0], previous[1]):  # no flock here: the file alone decides
+                    raise _in_use_error(path, f"{previous[2]}; delete {lock_file} if that process is gone") \
+                        from None
+            try:
+                same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # released and removed meanwhile: lock the file that is there now
+                os.close(fd)
+                continue
+            if previous[0] is not None and log is not None and (previous[0], previous[1]) != (
+                    os.getpid(), socket.gethostname()):
+                log(f"{path}: took over the writer's lock of {previous[0]}@{previous[1]} (that process is gone)")
+            command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"] + sys.argv[1:3])
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{_identity()} since {_now()} ({command})\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        lock = _Lock(fd, lock_file)
+        _LOCKS[key] = lock
+        return lock
+    raise UsageError(f"{lock_file}: the lock file keeps changing; another process is starting and stopping on "
+                     f"{path} — retry later")
+
+
+def release_all_locks() -> None:
+    """Release every writer's lock this process holds (their files removed): for an exit that skips the
+    interpreter's teardown (``os._exit`` after Ctrl-C), so no stale lock file is left next to the store."""
+    for key, lock in list(_LOCKS.items()):
+        lock.count = 1
+        _release_lock(lock, key)
+
+
+def _identity() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _process_index() -> int:
+    """``jax.process_index()`` when JAX is imported (a multi-process run), else 0."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0
+    try:
+        return int(jax.process_index())
+    except Exception:  # noqa: BLE001 — no backend: a single process
+        return 0
+
+
+def _release_lock(lock, key: str) -> None:
+    if lock is None:
+        return
+    lock.release()
+    if lock.fd < 0 and _LOCKS.get(key) is lock:
+        del _LOCKS[key]
+
+
 # --------------------------------------------------------------------------- checksums
 def _canonical(a: np.ndarray) -> bytes:
     a = np.ascontiguousarray(a)
@@ -425,6 +626,64 @@ def _write_template(template, encoding: dict, path: Path) -> None:
     _consolidate(path)
 
 
+def _full_template(make_template, resolved: dict):
+    """The store's template: ``make_template()`` plus the store attributes and the ``chunk_digest`` companion."""
+    template, encoding = make_template()
+    template.attrs.update(environment())
+    template.attrs["config_fingerprint"] = config_fingerprint(resolved)
+    template.attrs["dpo_sims_store"] = STORE_FORMAT
+    template.attrs["created"] = _now()
+    if "chunk_done" in template.data_vars and "chunk_digest" not in template.data_vars:
+        covered = sorted(v for v in template.data_vars if v not in _BOOKKEEPING)
+        template["chunk_digest"] = (("chunk",), np.zeros(template.sizes["chunk"], np.uint64))
+        template["chunk_digest"].attrs.update({
+            "variables": covered,
+            "description": "SHA-256 (first 8 bytes) of each finished chunk's values; 0 = none recorded",
+        })
+        encoding = {**encoding, "chunk_digest": {"chunks": (1,)}}
+    return template, encoding
+
+
+def _record_layout(path: Path, template) -> None:
+    """Record in the root attributes every array of the store (``store_arrays``) and each variable's zarr
+    metadata (``store_array_metadata``, JSON), so that a deleted variable is found and recreated later."""
+    import zarr
+
+    meta = {str(name): {f: _read_json(path / str(name) / f) for f in (".zarray", ".zattrs")}
+            for name in template.data_vars}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        group = zarr.open_group(str(path), mode="r+", zarr_format=_ZARR_FORMAT, use_consolidated=False)
+        group.attrs.update({"store_arrays": sorted(str(v) for v in template.variables),
+                            "store_array_metadata": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+    _consolidate(path)
+
+
+def _restore_from_template(path: Path, make_template, resolved: dict, log) -> list[str]:
+    """Recreate the arrays of the store ``path`` whose folders are gone (variables and coordinates) from its
+    template; returns their names. Their chunks then fail their checksums and are recomputed."""
+    missing = _metadata_problems(path)[2]
+    if not missing:
+        return []
+    template, encoding = _full_template(make_template, resolved)
+    scratch = path.parent / f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    done = []
+    try:
+        _write_template(template, encoding, scratch)
+        for name in missing:
+            if (scratch / name / ".zarray").is_file():
+                shutil.copytree(scratch / name, path / name, dirs_exist_ok=True)
+                done.append(name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if done:
+        _consolidate(path)
+        log(f"{path}: recreated {', '.join(done)} from the template (deleted?); their chunks will be recomputed")
+    return done
+
+
 class ResultsStore:
     """A sweep's zarr results store, opened for writing chunks.
 
@@ -432,11 +691,25 @@ class ResultsStore:
     each finished compute chunk. ``path`` is the store directory.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, lock: "_Lock | None" = None):
         import zarr
 
         self.path = Path(path)
         self._group = zarr.open_group(str(self.path), mode="r+", zarr_format=_ZARR_FORMAT)
+        # the writer's lock (held while this object lives, or until close())
+        self._release = weakref.finalize(self, _release_lock, lock, os.path.realpath(self.path)) if lock else None
+
+    def close(self) -> None:
+        """Release the writer's lock (also done when the object is garbage collected or the process ends)."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -474,44 +747,41 @@ class ResultsStore:
             config without ``overwrite``; another version without ``allow_version_change``.
         """
         log = log or (lambda msg: None)
-        path, fresh = cls.check_target(path, overwrite=overwrite)
-        if primary:
-            _clean_stale_temporaries(path)
-        if not fresh and not overwrite:
-            return cls._reopen(path, resolved, allow_version_change, primary, log), True
-        template, encoding = make_template()
-        template.attrs.update(environment())
-        template.attrs["config_fingerprint"] = config_fingerprint(resolved)
-        template.attrs["dpo_sims_store"] = STORE_FORMAT
-        template.attrs["created"] = _now()
-        if "chunk_done" in template.data_vars and "chunk_digest" not in template.data_vars:
-            covered = sorted(v for v in template.data_vars if v not in _BOOKKEEPING)
-            template["chunk_digest"] = (("chunk",), np.zeros(template.sizes["chunk"], np.uint64))
-            template["chunk_digest"].attrs.update({
-                "variables": covered,
-                "description": "SHA-256 (first 8 bytes) of each finished chunk's values; 0 = none recorded",
-            })
-            encoding = {**encoding, "chunk_digest": {"chunks": (1,)}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(path)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        path, fresh = cls.check_target(path, overwrite=overwrite, primary=primary)
+        lock = _acquire_lock(path, log=log) if primary else None  # refused while another process writes it
         try:
-            _write_template(template, encoding, tmp)
-            if path.exists() or path.is_symlink():
-                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-                    path.rmdir()  # an empty directory
-                else:  # a dpo-sims store holding only its own files (checked above)
-                    shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:  # any error or Ctrl-C: leave no temporary behind
-            shutil.rmtree(tmp, ignore_errors=True)
+            if primary:
+                _clean_stale_temporaries(path)
+            if not fresh and not overwrite:
+                return cls._reopen(path, resolved, make_template, allow_version_change, primary, log, lock), True
+            template, encoding = _full_template(make_template, resolved)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _tmp_name(path)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            try:
+                _write_template(template, encoding, tmp)
+                _record_layout(tmp, template)
+                if path.exists() or path.is_symlink():
+                    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                        path.rmdir()  # an empty directory
+                    else:  # a dpo-sims store holding only its own files (checked above)
+                        shutil.rmtree(path)
+                os.replace(tmp, path)
+            except BaseException:  # any error or Ctrl-C: leave no temporary behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return cls(path, lock=lock), False
+        except BaseException:
+            _release_lock(lock, os.path.realpath(path))
             raise
-        return cls(path), False
 
     @staticmethod
-    def check_target(path, *, overwrite: bool = False) -> tuple[Path, bool]:
+    def check_target(path, *, overwrite: bool = False, primary: bool | None = None) -> tuple[Path, bool]:
         """Check, before any computation, that ``path`` may hold a new store or is one to reopen.
+
+        ``primary`` (default: JAX process 0, or True without JAX): this process will write the store,
+        so a store another process is writing (its lock held, :func:`store_lock_holder`) is refused now.
 
         Returns:
           ``(path, fresh)``: the path (a symlink to a dpo-sims store resolved) and whether a new
@@ -520,7 +790,8 @@ class ResultsStore:
         Raises:
           UsageError: not writable or under a file (:func:`check_output_dir`); an existing file
             or directory that dpo-sims did not write (never touched, whatever the options); with
-            ``overwrite``, a dpo-sims store that also holds other files (named).
+            ``overwrite``, a dpo-sims store that also holds other files (named); a store another
+            process is writing (its ``PID@HOST`` named).
         """
         path = Path(path)
         check_output_dir(path)
@@ -528,6 +799,11 @@ class ResultsStore:
             path = path.resolve()
         fresh = not (path.exists() or path.is_symlink()) or (
             path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+        if primary is None:
+            primary = _process_index() == 0
+        holder = store_lock_holder(path) if primary else None
+        if holder:
+            raise _in_use_error(path, holder)
         if fresh:
             return path, True
         if not _written_by_us(path):
@@ -546,7 +822,8 @@ class ResultsStore:
         return path, False
 
     @classmethod
-    def _reopen(cls, path: Path, resolved: dict, allow_version_change: bool, primary: bool, log):
+    def _reopen(cls, path: Path, resolved: dict, make_template, allow_version_change: bool, primary: bool, log,
+                lock=None):
         if primary and not (path / ".zmetadata").exists() and (path / ".zgroup").exists():
             try:
                 _consolidate(path)
@@ -574,7 +851,9 @@ class ResultsStore:
                 "resuming would mix versions in one store — pass --allow-version-change to resume anyway (it is "
                 "recorded in the store), --overwrite to start again, or choose another --out"
             )
-        store = cls(path)
+        if primary:  # a deleted variable or coordinate: recreated from the template (its chunks recomputed)
+            _restore_from_template(path, make_template, resolved, log)
+        store = cls(path, lock=lock)
         if not primary:
             return store
         updates = {}
@@ -631,7 +910,8 @@ class ResultsStore:
                 warnings.simplefilter("ignore")
                 group = zarr.open_group(str(path), mode="r")
                 attrs = dict(group.attrs)
-                group["chunk_done"]  # noqa: B018 — must exist
+                if "chunk_done" not in attrs.get("store_arrays", []):  # recorded stores: recreated if deleted
+                    group["chunk_done"]  # noqa: B018 — must exist
         except Exception as e:  # zarr raises many types for a damaged store
             raise UsageError(
                 f"{path} is not a readable results store ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -662,6 +942,10 @@ class ResultsStore:
           arrays: variable name → array shaped ``(block extents…, trailing…)``.
             Variables of the checksum not given are read back from the store.
         """
+        absent = [name for name in arrays if name not in self._group]
+        if absent:
+            raise UsageError(f"{self.path}: variable {', '.join(absent)} is missing (its folder was deleted?); run "
+                             f"`dpo-sims verify {self.path} --repair`, then rerun the sweep to recompute it")
         values = {}
         for name, value in arrays.items():
             arr = self._group[name]
@@ -689,6 +973,7 @@ class VerifyReport:
       checked: finished chunks whose checksum was compared. bad: chunk index → what is wrong
       (unreadable, checksum mismatch). unverified: finished chunks without a checksum (a store
       from a dpo-sims before checksums). metadata: problems with the zarr metadata files.
+      missing: arrays whose folders are gone (after any repair: those it could not recreate).
       repaired: what ``repair`` did.
     """
 
@@ -699,12 +984,13 @@ class VerifyReport:
     bad: dict = dataclasses.field(default_factory=dict)
     unverified: int = 0
     metadata: list = dataclasses.field(default_factory=list)
+    missing: list = dataclasses.field(default_factory=list)
     repaired: list = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No damaged chunk and no (remaining) metadata problem."""
-        return not self.bad and not self.metadata
+        """No damaged chunk, no missing array and no (remaining) metadata problem."""
+        return not self.bad and not self.metadata and not self.missing
 
     def bad_text(self, limit: int = 3) -> str:
         items = [f"chunk {i} ({why})" for i, why in list(sorted(self.bad.items()))[:limit]]
@@ -741,22 +1027,69 @@ def _chunk_regions(attrs: dict, shape: tuple, n_chunks: int):
     return regions
 
 
-def _metadata_problems(path: Path) -> tuple[list[str], dict]:
-    """Missing or unreadable zarr metadata files, and those ``.zmetadata`` can restore (key → JSON)."""
+def _expected_arrays(root: dict, consolidated: dict) -> tuple[dict, set]:
+    """Every array a store should hold: name → its known metadata (``{".zarray": …, ".zattrs": …}``, from
+    ``.zmetadata`` or the recorded ``store_array_metadata``), and which of them are coordinates (their values
+    are not recorded: only a resume, from the template, recreates a deleted one)."""
+    try:
+        recorded = json.loads(root.get("store_array_metadata") or "{}")
+    except (TypeError, ValueError):
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    names = set(root.get("store_arrays") or []) | set(recorded)
+    names |= {k.split("/")[0] for k in consolidated if k.endswith("/.zarray")}
+    meta = {}
+    for name in names:
+        known = {}
+        for f in (".zarray", ".zattrs"):
+            value = consolidated.get(f"{name}/{f}") or (recorded.get(name) or {}).get(f)
+            if isinstance(value, dict):
+                known[f] = value
+        meta[name] = known
+    if recorded:
+        coords = names - set(recorded)
+    else:  # a store from before the record: its dimension coordinates
+        coords = {n for n, m in meta.items() if (m.get(".zattrs") or {}).get("_ARRAY_DIMENSIONS") == [n]}
+    return meta, coords
+
+
+def _metadata_problems(path: Path) -> tuple[list[str], dict, list[str], set]:
+    """Missing or unreadable zarr metadata files, those that can be restored (key → JSON), the arrays whose
+    folders are gone (``rm -r STORE/loss``), and the store's coordinates.
+
+    A deleted variable's metadata is restorable (from ``.zmetadata`` or the recorded template; its values
+    are then recomputed); a deleted coordinate's is not (its values would read as missing)."""
     meta = _read_json(path / ".zmetadata")
     consolidated = meta.get("metadata") if isinstance(meta, dict) else None
     problems = [] if isinstance(consolidated, dict) else [".zmetadata missing or unreadable"]
     consolidated = consolidated if isinstance(consolidated, dict) else {}
-    arrays = {k.split("/")[0] for k in consolidated if k.endswith("/.zarray")}
-    arrays |= {e.name for e in os.scandir(path) if e.is_dir() and (Path(e.path) / ".zarray").exists()}
-    required = [".zgroup", ".zattrs"] + [f"{a}/{f}" for a in sorted(arrays) for f in (".zarray", ".zattrs")]
-    restorable = {}
-    for key in required:
+    root = _read_json(path / ".zattrs")
+    root = root if isinstance(root, dict) else (consolidated.get(".zattrs") or {})
+    expected, coords = _expected_arrays(root, consolidated)
+    on_disk = {e.name for e in os.scandir(path) if e.is_dir() and (Path(e.path) / ".zarray").exists()}
+    restorable, missing = {}, []
+    for key in (".zgroup", ".zattrs"):
         if _read_json(path / key) is None:
             problems.append(f"{key} missing or unreadable")
             if key in consolidated:
                 restorable[key] = consolidated[key]
-    return problems, restorable
+    for name in sorted(set(expected) | on_disk):
+        known = expected.get(name, {})
+        if not (path / name).is_dir():
+            missing.append(name)
+            if name in coords:
+                problems.append(f"coordinate {name} is missing (its folder was deleted); rerun the sweep to "
+                                "recreate it")
+            else:
+                problems.append(f"variable {name} is missing (its folder was deleted)")
+                restorable.update({f"{name}/{f}": v for f, v in known.items()})
+            continue
+        for f in (".zarray", ".zattrs"):
+            if _read_json(path / name / f) is None:
+                problems.append(f"{name}/{f} missing or unreadable")
+                if f in known:
+                    restorable[f"{name}/{f}"] = known[f]
+    return problems, restorable, missing, coords
 
 
 _WHOLE_READ_BYTES = 256 << 20  # verify reads a variable whole when it is smaller than this
@@ -807,18 +1140,18 @@ def verify_store(path, *, repair: bool = False) -> VerifyReport:
     Args:
       path: the store directory (written by ``dpo-sims sweep``).
       repair: rebuild missing metadata (``.zmetadata`` from the per-array files; a per-array file
-        from ``.zmetadata``), and mark damaged chunks unfinished (``chunk_done`` False) so that
-        rerunning the sweep recomputes exactly them.
+        from ``.zmetadata``), recreate a deleted variable (``rm -r STORE/loss``, ``chunk_digest``,
+        ``chunk_done``) from the template recorded in the root attributes, and mark damaged chunks
+        unfinished (``chunk_done`` False) so that rerunning the sweep recomputes exactly them. Holds
+        the writer's lock meanwhile.
 
     Returns:
       :class:`VerifyReport` (``metadata``: the problems left after any repair).
 
     Raises:
-      UsageError: no such path, not a store dpo-sims wrote, or metadata damaged beyond repair
-        (naming the path and the fix).
+      UsageError: no such path, not a store dpo-sims wrote, metadata damaged beyond repair, or
+        (``repair``) a store another process is writing (naming the path and the fix).
     """
-    import zarr
-
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such results store; run `dpo-sims sweep CONFIG.toml --out {path}` first")
@@ -826,33 +1159,59 @@ def verify_store(path, *, repair: bool = False) -> VerifyReport:
         raise UsageError(f"{path} is not a dpo-sims results store (no dpo_sims_store attribute); pass a store "
                          "written by `dpo-sims sweep`")
     report = VerifyReport(path=path)
-    problems, restorable = _metadata_problems(path)
+    lock = _acquire_lock(path) if repair else None  # refused while a sweep writes the store
+    try:
+        return _verify(path, repair, report)
+    finally:
+        if lock is not None:
+            _release_lock(lock, os.path.realpath(path))
+
+
+def _verify(path: Path, repair: bool, report: VerifyReport) -> VerifyReport:
+    import zarr
+
+    problems, restorable, missing, _ = _metadata_problems(path)
     if repair and problems:
         for key, value in restorable.items():
             (path / key).parent.mkdir(parents=True, exist_ok=True)
             (path / key).write_text(json.dumps(value, indent=4))
-            report.repaired.append(f"restored {key} from .zmetadata")
+            if key.split("/")[0] not in missing:
+                report.repaired.append(f"restored {key} from .zmetadata")
+        recreated = sorted({k.split("/")[0] for k in restorable} & set(missing))
+        if recreated:
+            report.repaired.append(f"recreated {', '.join(recreated)} (its folder was deleted) from the store's "
+                                   "recorded metadata; the chunks it held are recomputed")
         if restorable or any(p.startswith(".zmetadata") for p in problems):
             try:
                 _consolidate(path)
                 report.repaired.append("rebuilt .zmetadata from the per-array metadata")
             except Exception:  # noqa: BLE001 — reported as a remaining problem below
                 pass
-        problems = _metadata_problems(path)[0]
-    report.metadata = problems
+        problems, _, missing, _ = _metadata_problems(path)
+    report.metadata, report.missing = problems, missing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = zarr.open_group(str(path), mode="r+" if repair else "r", zarr_format=_ZARR_FORMAT)
+            # the arrays as they are on disk (a stale .zmetadata could still list a deleted one)
+            group = zarr.open_group(str(path), mode="r+" if repair else "r", zarr_format=_ZARR_FORMAT,
+                                    use_consolidated=False)
             attrs = dict(group.attrs)
-            flags_arr = group["chunk_done"]
+            flags_arr = group["chunk_done"] if "chunk_done" in group or "chunk_done" not in missing else None
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path} is not a readable results store ({type(e).__name__}: {e}); rebuild it with "
                          f"`dpo-sims sweep CONFIG.toml --out {path} --overwrite`") from None
+    if flags_arr is None:  # chunk_done deleted: which chunks are finished is unknown (a resume recomputes all)
+        report.n_chunks = int(attrs.get("n_chunks", 0) or 0)
+        return report
     n = int(flags_arr.shape[0])
     report.n_chunks = n
     flags = _read_flags(flags_arr, report.bad, "chunk_done").astype(bool)
     digests = group["chunk_digest"] if "chunk_digest" in group else None
+    # a store that records its layout always checksums its finished chunks: a zero checksum is a lost one
+    checksummed = "chunk_digest" in (attrs.get("store_arrays") or [])
+    if digests is None and checksummed:
+        for i in np.flatnonzero(flags):
+            report.bad[int(i)] = "its checksum is lost (chunk_digest is missing)"
     covered = list(digests.attrs.get("variables", [])) if digests is not None else []
     arrays = {name: group[name] for name in covered if name in group}
     missing = [name for name in covered if name not in arrays]
@@ -865,7 +1224,12 @@ def verify_store(path, *, repair: bool = False) -> VerifyReport:
     report.done = int(flags.sum()) + sum(1 for i in report.bad if not flags[i])
     for i in np.flatnonzero(flags):
         i = int(i)
+        if int(i) in report.bad:
+            continue
         if regions is None or expected[i] == 0:
+            if checksummed and regions is not None:
+                report.bad[i] = "no checksum recorded (its chunk_digest entry was lost)"
+                continue
             report.unverified += 1
             continue
         values, unreadable, empty = {}, [], []
@@ -915,13 +1279,17 @@ def open_results(path, *, fix: str | None = None, verify: bool = False):
     written; ``dpo-sims verify STORE --repair`` or a resume rebuilds it).
 
     Raises:
-      UsageError: missing or unreadable path, or (``verify``) a damaged chunk, naming it and the fix.
+      UsageError: missing or unreadable path, a path dpo-sims did not write (no ``--overwrite`` advice:
+        it would not be honoured), or (``verify``) a damaged chunk, naming it and the fix.
     """
     import xarray as xr
 
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such results store; run `dpo-sims sweep CONFIG.toml --out {path}` first")
+    if not _written_by_us(path):  # a folder of other files, or a zarr store some other program wrote
+        raise UsageError(f"{path} is not a dpo-sims results store (no dpo_sims_store attribute); pass a store "
+                         "written by `dpo-sims sweep CONFIG.toml --out STORE`")
     fix = fix or _rebuild_hint(path)
     ResultsStore.read_attrs(path, fix=fix)
     if verify:

@@ -1,13 +1,17 @@
 """``dpo-sims study``: answers to the questions the paper leaves open (docs/theory.md §5).
 
 Im & Li, "Understanding the Learning Dynamics of Alignment with Human
-Feedback", ICML 2024 (arXiv:2403.18742); model and claims in docs/theory.md. Each
-study has an embedded config (:data:`CONFIG_TOML`; ``[NAME.quick]`` holds the
-overrides of ``--quick``), runs the population (N → ∞) and/or the empirical
-layer vmapped over its configurations (Python loops only over static shape
-groups: loss name, optimizer, N, distribution family), prints its key numbers,
-and writes ``DIR/NAME.md`` (a findings section), ``DIR/NAME.png`` and
-``DIR/NAME.json``:
+Feedback", ICML 2024 (arXiv:2403.18742); model and claims in docs/theory.md. As
+``dpo-sims reproduce``, a study is a built-in sweep config plus an analysis: Q1, Q3
+and Q5 run ``sims/configs/study_<name>.toml`` (its ``[study]`` table holds the
+analysis settings, ``[study.quick]`` the overrides of ``--quick``) through
+:func:`sims.sweep.run_sweep` into ``DIR/store/<NAME>[_<part>].zarr`` (the reduced
+heads δ_t stored, ``record_head``) and analyse the stored dataset. Q2 (loss and
+sampling weights computed per geometry) and Q4 (random rotations) have runs the
+sweep's cartesian grid cannot express; they keep an embedded config
+(:data:`CONFIG_TOML`) and call the population (N → ∞) and empirical layers
+vmapped over their configurations. Every study prints its key numbers and writes
+``DIR/NAME.md`` (a findings section), ``DIR/NAME.png`` and ``DIR/NAME.json``:
 
 * ``Q1`` objectives — does priority persist under IPO, hinge, cDPO, robust DPO?
 * ``Q2`` re-weighting — which per-behaviour loss or sampling weights equalise
@@ -42,7 +46,7 @@ import numpy as np
 from .cli import UsageError
 
 __all__ = [
-    "STUDIES", "CONFIG_TOML", "study_config", "time_to_learn", "behavior_margin", "converged",
+    "STUDIES", "SWEEP_STUDIES", "CONFIG_TOML", "study_config", "time_to_learn", "behavior_margin", "converged",
     "equal_rate_weights", "reweightings", "ipo_time_to_learn", "run_study", "register",
 ]
 
@@ -51,39 +55,6 @@ STUDIES = ("Q1", "Q2", "Q3", "Q4", "Q5")
 CONFIG_TOML = r'''
 # Embedded study configs. Units: steps (optimizer steps), nats (losses, margins).
 # Distinguishability Δ_k = ‖μ_k⁺ − μ_k⁻‖; behaviour 0 is the less distinguishable ("weak").
-
-[Q1]
-title = "Objectives: does priority persist under IPO, hinge, cDPO and robust DPO?"
-d = 8
-sigma = 1.0
-beta = 1.0
-distinguishability_weak = 1.0
-distinguishability_strong = [1.0, 1.5, 2.0, 2.5, 3.0]
-label_noise = [0.0, 0.1]          # flip rate of the training labels, both behaviours
-losses = ["sigmoid", "ipo", "hinge", "cdpo", "robust"]
-eps = 0.1                         # cdpo label smoothing / robust noise rate
-lr_scale = 1.0
-lr = { sigmoid = 0.05, cdpo = 0.05, robust = 0.05, hinge = 0.025, ipo = 0.00625 }
-steps = 600
-record_every = 2
-n = 512
-n_eval = 512
-seeds = 8
-fraction = 0.5
-headline = 2.5                    # Δ_strong of the headline row
-random_pairs = 200                # C4 check: random (Δ_0, Δ_1, angle) pairs, population sigmoid
-random_pairs_d = 4
-random_pairs_seed = 11
-
-[Q1.quick]
-random_pairs = 40
-losses = ["sigmoid", "ipo", "hinge"]
-distinguishability_strong = [1.0, 2.5]
-label_noise = [0.0, 0.1]
-steps = 240
-lr_scale = 2.5
-seeds = 4
-record_every = 2
 
 [Q2]
 title = "Re-weighting: which weights equalise time-to-learn, and at what cost?"
@@ -107,29 +78,6 @@ fraction = 0.5
 angles_deg = [90.0, 60.0]
 steps = 240
 lr = 0.125
-seeds = 4
-
-[Q3]
-title = "Distinguishability and generalisation: training vs held-out accuracy"
-d_max = 64
-dims = [4, 16, 64]
-distinguishability = [0.5, 1.0, 2.0, 3.0]
-n = [32, 128, 512, 2048]
-sigma = 1.0
-beta = 1.0
-loss = "sigmoid"
-lr = 0.2
-steps = 400
-record_every = 20
-n_eval = 4096
-seeds = 8
-
-[Q3.quick]
-d_max = 32
-dims = [4, 32]
-distinguishability = [0.5, 2.0]
-n = [32, 512]
-steps = 200
 seeds = 4
 
 [Q4]
@@ -159,33 +107,6 @@ steps = 240
 lr = { sgd = 0.125, momentum = 0.0125, adam = 0.025 }
 seeds = 2
 
-[Q5]
-title = "Gaussian equivalence: moment-matched prediction vs empirical dynamics"
-d_max = 64
-dims = [4, 16, 64]
-distinguishability = 1.5
-sigma = 1.0
-nu = [2.5, 3.0, 5.0, 10.0, 30.0]
-mixture_offset = 0.9              # each class: ½N(μ + aσ b̂, S) + ½N(μ − aσ b̂, S), S = σ²(I − a² b̂b̂ᵀ)
-beta = 1.0
-loss = "sigmoid"
-lr = 0.1
-steps = 300
-record_every = 10
-n = [1024, 8192]
-n_eval = 8192
-seeds = 6
-static_samples = 400000
-
-[Q5.quick]
-d_max = 16
-dims = [4, 16]
-nu = [2.5, 30.0]
-n = [1024]
-steps = 100
-n_eval = 2048
-seeds = 2
-static_samples = 50000
 '''
 
 
@@ -197,16 +118,42 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+#: studies whose runs are built-in sweep configs ``sims/configs/study_<name>.toml`` (run by ``run_sweep``)
+SWEEP_STUDIES = ("Q1", "Q3", "Q5")
+
+
 def study_config(name: str, quick: bool = False) -> dict:
-    """The embedded config of study ``name`` (``--quick`` overrides applied).
+    """The settings of study ``name`` as one flat dict (``--quick`` overrides applied).
+
+    Q1, Q3 and Q5 (:data:`SWEEP_STUDIES`) read the built-in sweep config
+    ``sims/configs/study_<name>.toml``: its ``[base]`` fields, its ``[grid]`` axes, ``seeds`` and
+    its ``[study]`` analysis settings flattened into one dict, plus the study's aliases
+    (``distinguishability_weak``/``_strong`` for Q1; ``dims``/``d_max`` for Q3 and Q5), ``quick``
+    and ``sweep`` (the sweep part of the TOML, the input of :func:`sims.sweep.parse_config`).
+    Q2 and Q4 read :data:`CONFIG_TOML`.
 
     Raises:
       UsageError: unknown study name (lists the valid ones).
     """
     name = _canonical(name)
-    data = tomllib.loads(CONFIG_TOML)[name]
-    over = data.pop("quick", {})
-    return _merge(data, over) if quick else data
+    if name not in SWEEP_STUDIES:
+        data = tomllib.loads(CONFIG_TOML)[name]
+        over = data.pop("quick", {})
+        return _merge(data, over) if quick else data
+    data, settings = _study_data(name, quick)
+    flat = {k: v for k, v in data.get("base", {}).items()}
+    flat.update(data.get("grid", {}))
+    flat.update(settings)
+    flat["seeds"] = data.get("seeds", 1)
+    if name == "Q1":
+        flat["distinguishability_weak"] = data["base"]["distinguishability"][0]
+        flat["distinguishability_strong"] = data["grid"]["distinguishability_1"]
+    else:
+        flat["dims"] = list(data["grid"]["d"])
+        flat["d_max"] = max(flat["dims"])
+    flat["quick"] = bool(quick)
+    flat["sweep"] = data
+    return flat
 
 
 def _canonical(name: str) -> str:
@@ -214,6 +161,95 @@ def _canonical(name: str) -> str:
     if up not in STUDIES:
         raise UsageError(f"unknown study {name!r}; choose one of {list(STUDIES)} or 'all'")
     return up
+
+
+# ============================================================================ sweep configs and stores
+def _study_data(name: str, quick: bool = False) -> tuple[dict, dict]:
+    """The built-in sweep config ``sims/configs/study_<name>.toml`` as ``(sweep data, [study] settings)``.
+
+    ``quick`` applies ``[study.quick]``: its ``seeds``/``base``/``grid`` entries override the sweep
+    part, its ``study`` table the settings. Raises UsageError for an unknown study.
+    """
+    from .sweep import read_builtin
+
+    name = _canonical(name)
+    data = tomllib.loads(read_builtin(f"study_{name.lower()}"))
+    settings = data.pop("study", {})
+    over = settings.pop("quick", {})
+    if quick:
+        settings = _merge(settings, over.get("study", {}))
+        data = _merge(data, {k: v for k, v in over.items() if k != "study"})
+    return data, settings
+
+
+def _sweep_config(name: str, data: dict, tag: str = "", quick: bool = False, **base):
+    """Parse ``data`` (a study's sweep part) with ``base`` overrides into a :class:`sims.sweep.SweepConfig`."""
+    from .sweep import parse_config
+
+    data = _merge(data, {"base": base}) if base else data
+    if tag:
+        data = _merge(data, {"name": f"{data.get('name', 'study')}_{tag}"})
+    return parse_config(data, source=f"builtin:study_{name.lower()}{' (quick)' if quick else ''}"
+                        + (f" [{tag}]" if tag else ""))
+
+
+def _run_store(cfg, out: Path, tag: str, log):
+    """``run_sweep`` ``cfg`` into ``out/store/<tag>.zarr`` (resumed when it holds this config) and load it.
+
+    Returns the loaded ``xarray.Dataset``.
+    """
+    from .reproduce import _prepare_store_path
+    from .store import open_results
+    from .sweep import run_sweep
+
+    store = out / "store" / f"{tag}.zarr"
+    res = run_sweep(cfg, store, overwrite=_prepare_store_path(store, cfg), progress=False, log=lambda m: None)
+    if res.interrupted:
+        raise KeyboardInterrupt
+    return open_results(store).load()
+
+
+class _Traj:
+    """Stored runs of one sweep as the trajectories' layout, the grid flattened to one axis ``G`` (C order).
+
+    ``pop``: ``step (G, T)``, ``delta (G, T, d)``, ``metrics[name] (G, T[, K])``, ``diverged (G,)``;
+    ``emp``: ``delta (G, S, T, d)``, ``train``/``eval[name] (G, S, T[, K])``, ``diverged (G, S)``
+    (the layouts of ``jax.vmap`` of ``population_trajectory`` / of ``empirical_trajectory`` over seeds).
+    """
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _trajectories(ds, cfg, d: int | None = None):
+    """``(pop, emp)`` (:class:`_Traj`) from a loaded study store; ``d`` slices the stored heads."""
+    from .sweep import dim_name
+
+    gdims = tuple(dim_name(a) for a in cfg.grid)
+    g = int(np.prod([ds.sizes[k] for k in gdims], dtype=np.int64)) if gdims else 1
+    flat = lambda v: np.asarray(v.values).reshape((g,) + v.shape[len(gdims):])
+    cut = (lambda a: a[..., :d]) if d is not None else (lambda a: a)
+    step = np.broadcast_to(ds["step"].values, (g, ds.sizes["step"]))
+    pop = emp = None
+    if "population_loss" in ds:
+        pop = _Traj(step=step, delta=cut(flat(ds["population_delta"])) if "population_delta" in ds else None,
+                    metrics={k[len("population_"):]: flat(ds[k]) for k in ds.data_vars
+                             if k.startswith("population_") and k not in ("population_delta", "population_diverged")},
+                    diverged=flat(ds["population_diverged"]))
+    if "loss" in ds and "seed" in ds["loss"].dims:
+        names = [k for k in ds.data_vars if "split" in ds[k].dims]
+        emp = _Traj(step=step, delta=cut(flat(ds["delta"])) if "delta" in ds else None,
+                    train={k: flat(ds[k].sel(split="train")) for k in names},
+                    eval={k: flat(ds[k].sel(split="eval")) for k in names}, diverged=flat(ds["diverged"]))
+    return pop, emp
+
+
+def _grid_distributions(cfg):
+    """The Gaussian of every grid configuration (C order), stacked: ``(G, K, d)`` (one ``d``)."""
+    from .sweep import build_distribution, configuration_fields
+
+    rows = [configuration_fields(cfg, i) for i in np.ndindex(*cfg.shape)] if cfg.grid else [configuration_fields(cfg, ())]
+    return _stack([build_distribution(r, d=r["d"])[0] for r in rows])
 
 
 # ============================================================================ measures
@@ -476,7 +512,7 @@ def _random_rotation(rng, d):
     return q * np.sign(np.diag(r))[None, :]
 
 
-def _priority_runs(dists, cfg, *, loss, lr, eps=0.0, optimizer=None, label_noise=None, loss_weight=None,
+def _priority_runs(dists, cfg, *, loss, lr, label_smoothing=0.0, optimizer=None, label_noise=None, loss_weight=None,
                    seeds: int, key_seed: int = 0):
     """Population and empirical trajectories vmapped over stacked configurations (and seeds).
 
@@ -493,7 +529,7 @@ def _priority_runs(dists, cfg, *, loss, lr, eps=0.0, optimizer=None, label_noise
     k = dists.mu_pos.shape[-2]
     ln = jnp.zeros((g, k)) if label_noise is None else jnp.asarray(label_noise, jnp.float32)
     lw = jnp.ones((g, k)) if loss_weight is None else jnp.asarray(loss_weight, jnp.float32)
-    common = dict(beta=cfg["beta"], lr=lr, steps=cfg["steps"], loss=loss, eps=eps, optimizer=optimizer,
+    common = dict(beta=cfg["beta"], lr=lr, steps=cfg["steps"], loss=loss, label_smoothing=label_smoothing, optimizer=optimizer,
                   record_every=cfg["record_every"])
     pop = jax.vmap(lambda dist, a, b: dd.population_trajectory(dist, label_noise=a, loss_weight=b, **common))(
         dists, ln, lw)
@@ -518,13 +554,16 @@ def _tau(step, margins, fraction):
 
 # ============================================================================ Q1
 def run_q1(cfg, out: Path, log) -> dict:
-    """Q1: time-to-learn ratio (weak / strong) per loss, population and empirical."""
+    """Q1: time-to-learn ratio (weak / strong) per loss, population and empirical.
+
+    One sweep per loss (``builtin:study_q1`` with that loss's η = ``lr[loss] · lr_scale`` and,
+    for cdpo/robust, its label smoothing) into ``out/store/Q1_<loss>.zarr``; τ from the stored heads.
+    """
     import dynamics as dd
 
     weak, strongs, noises = cfg["distinguishability_weak"], cfg["distinguishability_strong"], cfg["label_noise"]
-    grid = [(s, r) for r in noises for s in strongs]
-    dists = _stack([_two_behaviours(weak, s, d=cfg["d"], sigma=cfg["sigma"]) for s, _ in grid])
-    rho = np.array([[r, r] for _, r in grid], np.float32)
+    grid = [(s, r) for r in noises for s in strongs]  # the sweep's grid (label_noise, distinguishability_1), C order
+    dists = _grid_distributions(_sweep_config("Q1", cfg["sweep"], quick=cfg["quick"]))
     m = np.asarray(dists.behavior_mean, np.float64)
     mbar = np.einsum("gk,gkd->gd", np.asarray(dists.weight, np.float64), m)
     proj = np.einsum("gkd,gd->gk", m, mbar)
@@ -539,11 +578,12 @@ def run_q1(cfg, out: Path, log) -> dict:
     res["curvature_ratio_flow"] = (curv[:, 1] / curv[:, 0]).tolist()
     curves = {}
     for loss in cfg["losses"]:
-        eps = cfg["eps"] if dd.losses.uses_label_smoothing(loss) else 0.0
+        label_smoothing = cfg["label_smoothing"] if dd.losses.uses_label_smoothing(loss) else 0.0
         lr = cfg["lr"][loss] * cfg["lr_scale"]
         t0 = time.time()
-        pop, emp = _priority_runs(dists, cfg, loss=loss, lr=lr, eps=eps, label_noise=rho,
-                                  seeds=cfg["seeds"])
+        scfg = _sweep_config("Q1", cfg["sweep"], loss, quick=cfg["quick"], loss=loss, lr=lr,
+                             label_smoothing=label_smoothing)
+        pop, emp = _trajectories(_run_store(scfg, out, f"Q1_{loss}", log), scfg)
         step = pop.step[0]
         pm, em = _margins(pop, emp, m, cfg["beta"])
         tp, te = _tau(step, pm, cfg["fraction"]), _tau(step, em, cfg["fraction"])  # (G, K), (G, S, K)
@@ -551,7 +591,7 @@ def run_q1(cfg, out: Path, log) -> dict:
         re_mean, re_sd = _mean_sd(te[..., 0] / te[..., 1], axis=1)
         conv = converged(np.moveaxis(pm, -1, -2)).all(-1)
         res["losses"][loss] = {
-            "lr": lr, "eps": eps, "tau_population": tp.tolist(), "ratio_population": rp.tolist(),
+            "lr": lr, "label_smoothing": label_smoothing, "tau_population": tp.tolist(), "ratio_population": rp.tolist(),
             "ratio_empirical_mean": re_mean.tolist(), "ratio_empirical_sd": re_sd.tolist(),
             "tau_empirical_mean": np.nanmean(te, axis=1).tolist(),
             "population_converged": conv.tolist(),
@@ -612,7 +652,7 @@ def run_q1(cfg, out: Path, log) -> dict:
               f"Two orthogonal, balanced, equally weighted behaviours share one head: Δ_weak = {weak}, Δ_strong swept, "
               f"σ = {cfg['sigma']}, d = {cfg['d']}, β = {cfg['beta']}, full-batch GD (per-loss η: "
               + ", ".join(f"{k} {v['lr']:g}" for k, v in res["losses"].items())
-              + f"), {cfg['steps']} steps, n = {cfg['n']} pairs, {cfg['seeds']} seeds; cDPO and robust use ε = {cfg['eps']}. "
+              + f"), {cfg['steps']} steps, n = {cfg['n']} pairs, {cfg['seeds']} seeds; cDPO and robust use ε = {cfg['label_smoothing']}. "
               "τ_k: first step at which behaviour k's mean reward margin β δᵀm_k reaches half its final value. "
               "Ratio = τ_weak / τ_strong (> 1: the more distinguishable behaviour is learned first).", "",
               table, "",
@@ -811,60 +851,44 @@ def _q2_figure(cfg, grid, rows, path):
 
 
 # ============================================================================ Q3
-def _padded_single(distinguishability, d, d_max, sigma):
-    """One balanced behaviour (μ± = ±Δ/2 e₁, Σ = σ² diag(1_d, 0_{d_max−d})) embedded in d_max dimensions.
-
-    The zero-variance coordinates are exactly zero in every sample, so the head never
-    moves there: the dynamics are those of the d-dimensional problem, and d can be vmapped.
-    """
-    import dynamics as dd
-
-    mu = np.zeros(d_max)
-    mu[0] = distinguishability / 2.0
-    var = np.where(np.arange(d_max) < d, sigma**2, 0.0)
-    return dd.GaussianPreference.create(mu, -mu, var)
-
-
 def run_q3(cfg, out: Path, log) -> dict:
-    """Q3: training vs held-out accuracy against Δ, N, d (empirical), population as reference."""
+    """Q3: training vs held-out accuracy against Δ, N, d (empirical), population as reference.
+
+    Runs ``builtin:study_q3`` (grid Δ × d × N, heads stored) into ``out/store/Q3.zarr``; the held-out
+    accuracy of each stored head is exact (``dd.gaussian_accuracy``).
+    """
     import jax
     import jax.numpy as jnp
 
     import dynamics as dd
 
-    grid = [(dl, d) for dl in cfg["distinguishability"] for d in cfg["dims"]]
-    dists = _stack([_padded_single(dl, d, cfg["d_max"], cfg["sigma"]) for dl, d in grid])
-    common = dict(beta=cfg["beta"], lr=cfg["lr"], steps=cfg["steps"], loss=cfg["loss"], record_every=cfg["record_every"])
-    pop = _np(jax.vmap(lambda dist: dd.population_trajectory(dist, **common))(dists))
-    keys = jax.random.split(jax.random.key(3), cfg["seeds"])
-    acc_fn = lambda dist, delta: dd.gaussian_accuracy(dist, delta)[0]
-    per_n = {}
-    for n in cfg["n"]:
-        t0 = time.time()
-        f = lambda dist, key: dd.empirical_trajectory(dist, key, n=n, n_eval=cfg["n_eval"], **common)
-        emp = _np(jax.vmap(jax.vmap(f, (None, 0)), (0, None))(dists, keys))
-        exact = np.asarray(jax.vmap(jax.vmap(jax.vmap(acc_fn, (None, 0)), (None, 0)))(dists, jnp.asarray(emp.delta)))
-        per_n[n] = (emp, exact)  # exact: (G, S, T) held-out accuracy of the trained head, exact
-        log(f"  Q3 n={n}: {time.time() - t0:.1f} s")
+    scfg = _sweep_config("Q3", cfg["sweep"], quick=cfg["quick"])
+    t0 = time.time()
+    ds = _run_store(scfg, out, "Q3", log)
+    log(f"  Q3 runs: {time.time() - t0:.1f} s")
+    acc_fn = jax.jit(jax.vmap(lambda dist, delta: dd.gaussian_accuracy(dist, delta)[0], (None, 0)))
     from scipy.stats import norm
 
-    rows, res_rows = [], []
+    res_rows = []
     for n in cfg["n"]:
-        emp, exact = per_n[n]
-        train = emp.train["reward_accuracy"][:, :, -1]
-        held = exact[:, :, -1]
-        mc = emp.eval["reward_accuracy"][:, :, -1]
-        best = exact.max(axis=-1)
-        for i, (dl, d) in enumerate(grid):
-            bayes = float(norm.cdf(dl / (2 * cfg["sigma"])))
-            r = {"distinguishability": dl, "d": d, "n": n, "d_over_n": d / n,
-                 "train_accuracy": float(train[i].mean()), "heldout_accuracy": float(held[i].mean()),
-                 "heldout_accuracy_mc": float(mc[i].mean()),
-                 "population_accuracy": float(pop.metrics["reward_accuracy"][i, -1]), "bayes_accuracy": bayes,
-                 "gap": float((train[i] - held[i]).mean()), "gap_sd": float((train[i] - held[i]).std()),
-                 "heldout_deficit": float(bayes - held[i].mean()),
-                 "early_stopping_gain": float((best[i] - held[i]).mean())}
-            res_rows.append(r)
+        for dl in cfg["distinguishability"]:
+            for d in cfg["dims"]:
+                cell = ds.sel(n=n, distinguishability=dl, d=d)
+                dist = dd.GaussianPreference.single(dl, d=d, sigma=cfg["sigma"])
+                heads = np.asarray(cell["delta"].values[..., :d])  # (S, T, d)
+                exact = np.asarray(acc_fn(dist, jnp.asarray(heads.reshape(-1, d)))).reshape(heads.shape[:2])
+                train = cell["reward_accuracy"].sel(split="train").values[:, -1]
+                mc = cell["reward_accuracy"].sel(split="eval").values[:, -1]
+                held, best = exact[:, -1], exact.max(axis=-1)
+                bayes = float(norm.cdf(dl / (2 * cfg["sigma"])))
+                res_rows.append({
+                    "distinguishability": dl, "d": d, "n": n, "d_over_n": d / n,
+                    "train_accuracy": float(train.mean()), "heldout_accuracy": float(held.mean()),
+                    "heldout_accuracy_mc": float(mc.mean()),
+                    "population_accuracy": float(cell["population_reward_accuracy"].values[-1]), "bayes_accuracy": bayes,
+                    "gap": float((train - held).mean()), "gap_sd": float((train - held).std()),
+                    "heldout_deficit": float(bayes - held.mean()),
+                    "early_stopping_gain": float((best - held).mean())})
     # pivot tables: gap and held-out deficit, rows (d, n), columns Δ
     deltas = cfg["distinguishability"]
     piv = lambda key, scale=100.0: [[f"{d}", f"{n}", f"{d / n:.3g}"] + [
@@ -1023,81 +1047,93 @@ def _q4_figure(cfg, summary, path):
 
 
 # ============================================================================ Q5
-def _q5_families(cfg):
-    """Per family: (label, stacked distribution, grid rows). All share the moment-matched Gaussian per d."""
-    import dynamics as dd
+def _q5_runs(cfg, out: Path, log) -> dict:
+    """Q5's sweeps, one per family: label → (SweepConfig, loaded store). Student-t sweeps ν as its first axis."""
+    runs = {}
+    for fam in cfg["families"]:
+        data = _merge(cfg["sweep"], {"base": {"family": fam}})
+        if fam == "student_t":
+            data["grid"] = {"nu": list(cfg["nu"]), **data["grid"]}
+        if fam == "mixture":
+            data["base"]["mixture_spread"] = cfg["mixture_spread"]
+        t0 = time.time()
+        scfg = _sweep_config("Q5", data, fam, quick=cfg["quick"])
+        runs[fam] = (scfg, _run_store(scfg, out, f"Q5_{fam}", log))
+        log(f"  Q5 {fam}: {time.time() - t0:.1f} s")
+    return runs
 
-    dmax, sigma, a = cfg["d_max"], cfg["sigma"], cfg["mixture_offset"]
-    bases = {d: _padded_single(cfg["distinguishability"], d, dmax, sigma) for d in cfg["dims"]}
-    fams = [("gaussian", _stack([bases[d] for d in cfg["dims"]]), [{"d": d} for d in cfg["dims"]])]
-    fams.append(("laplace", _stack([dd.EllipticalPreference.create(bases[d], "laplace") for d in cfg["dims"]]),
-                 [{"d": d} for d in cfg["dims"]]))
-    tgrid = [(nu, d) for nu in cfg["nu"] for d in cfg["dims"]]
-    fams.append(("student_t", _stack([dd.EllipticalPreference.create(bases[d], "student_t", nu) for nu, d in tgrid]),
-                 [{"nu": nu, "d": d} for nu, d in tgrid]))
-    mix = []
-    for d in cfg["dims"]:
-        b = bases[d]
-        e1 = np.zeros(dmax)
-        e1[0] = 1.0
-        off = a * sigma * e1
-        mu_pos = np.asarray(b.mu_pos[0], np.float64)
-        cov = np.asarray(b.cov_pos[0], np.float64) - (a * sigma) ** 2 * np.outer(e1, e1)
-        mp = np.stack([mu_pos + off, mu_pos - off])[None]
-        cv = np.broadcast_to(cov, (1, 2, dmax, dmax))
-        mix.append(dd.GaussianMixturePreference.create(mp, -mp, cv, cv))
-    fams.append(("mixture", _stack(mix), [{"d": d} for d in cfg["dims"]]))
-    return bases, fams
+
+def _q5_cells(cfg, label):
+    """The (ν, d) cells of a family in the order of its rows: ``[{"nu": ν, "d": d} | {"d": d}]``."""
+    if label == "student_t":
+        return [{"nu": nu, "d": d} for nu in cfg["nu"] for d in cfg["dims"]]
+    return [{"d": d} for d in cfg["dims"]]
 
 
 def run_q5(cfg, out: Path, log) -> dict:
-    """Q5: Gaussian-equivalence error of Laplace, Student-t and mixture families vs the Gaussian baseline."""
+    """Q5: Gaussian-equivalence error of Laplace, Student-t and mixture families vs the Gaussian baseline.
+
+    One sweep per family (``builtin:study_q5`` with ``family`` set; Student-t with a ``nu`` axis) into
+    ``out/store/Q5_<family>.zarr``. The prediction is the Gaussian sweep's population layer (every
+    family has the same moment-matched Gaussian), the mixture's population layer its exact dynamics.
+    """
     import jax
 
-    import dynamics as dd
+    from .sweep import build_distribution, build_family, configuration_fields
 
-    bases, fams = _q5_families(cfg)
-    common = dict(beta=cfg["beta"], lr=cfg["lr"], steps=cfg["steps"], loss=cfg["loss"], record_every=cfg["record_every"])
-    gauss = _stack([bases[d] for d in cfg["dims"]])
-    # the moment-matched prediction (identical for every family by construction) and the exact mixture dynamics
-    pred = _np(jax.vmap(lambda dist: dd.population_trajectory(dist, **common))(gauss))
-    mix_exact = _np(jax.vmap(lambda dist: dd.population_trajectory(dist, **common))(fams[-1][1]))
-    check = float(np.max(np.abs(np.asarray(jax.vmap(lambda f: f.gaussian_equivalent().cov_pos)(fams[-1][1]))
-                                - np.asarray(gauss.cov_pos))))
-    keys = jax.random.split(jax.random.key(5), cfg["seeds"])
+    runs = _q5_runs(cfg, out, log)
+    if "gaussian" not in runs:
+        raise UsageError("study Q5: families must include 'gaussian' (the baseline and the prediction)")
+    gds = runs["gaussian"][1].isel(n=0)  # the population layer does not depend on N
+    step = gds["step"].values
+    pred = _Traj(step=np.broadcast_to(step, (len(cfg["dims"]), len(step))),
+                 metrics={k: np.stack([gds[f"population_{k}"].sel(d=d).values for d in cfg["dims"]])
+                          for k in ("loss", "reward_accuracy")},
+                 delta=[gds["population_delta"].sel(d=d).values[..., :d] for d in cfg["dims"]])
+    # the mixture's moment matching, from the sweep's own builders: max |Σ_equivalent − Σ_Gaussian|
+    check = 0.0
+    if "mixture" in runs:
+        scfg = runs["mixture"][0]
+        for i, d in enumerate(scfg.grid["d"]):
+            f = configuration_fields(scfg, [0, i])
+            g, _ = build_distribution(f, d=d)
+            mix = build_family("mixture", g, f)
+            check = max(check, float(np.max(np.abs(np.asarray(mix.gaussian_equivalent().cov_pos) - np.asarray(g.cov_pos)))))
     d_index = {d: i for i, d in enumerate(cfg["dims"])}
     rows = []
     traj = {}
     for n in cfg["n"]:
-        for label, dists, grid in fams:
-            t0 = time.time()
-            f = lambda dist, key: dd.empirical_trajectory(dist, key, n=n, n_eval=cfg["n_eval"], **common)
-            emp = _np(jax.vmap(jax.vmap(f, (None, 0)), (0, None))(dists, keys))
-            for i, g in enumerate(grid):
+        for label in cfg["families"]:
+            ds = runs[label][1].sel(n=n)
+            div = int(np.sum(ds["diverged"].values))
+            for g in _q5_cells(cfg, label):
                 j = d_index[g["d"]]
+                cell = ds.sel(**g)
+                d = g["d"]
                 lp, ap = pred.metrics["loss"][j], pred.metrics["reward_accuracy"][j]  # (T,)
-                le, ae = emp.eval["loss"][i], emp.eval["reward_accuracy"][i]  # (S, T)
-                dp, de = pred.delta[j][1:], emp.delta[i][:, 1:]  # (T-1, d), (S, T-1, d)
+                le = cell["loss"].sel(split="eval").values  # (S, T)
+                ae = cell["reward_accuracy"].sel(split="eval").values
+                dp, de = pred.delta[j][1:], cell["delta"].values[:, 1:, :d]  # (T-1, d), (S, T-1, d)
                 head_err = np.linalg.norm(de - dp, axis=-1) / np.linalg.norm(dp, axis=-1)
-                row = {"family": label, "nu": g.get("nu"), "d": g["d"], "n": n,
+                row = {"family": label, "nu": g.get("nu"), "d": d, "n": n,
                        "loss_gap": float(np.abs(le - lp).max(-1).mean()),
                        "loss_bias": float(np.abs(le.mean(0) - lp).max()),
                        "accuracy_gap": float(np.abs(ae - ap).max(-1).mean()),
                        "head_error": float(head_err.max(-1).mean()),
                        "final_loss_empirical": float(le[:, -1].mean()), "final_loss_predicted": float(lp[-1]),
-                       "diverged": int(np.sum(emp.diverged))}
+                       "diverged": div}
                 if label == "mixture":
-                    row["loss_gap_exact_components"] = float(np.abs(le - mix_exact.metrics["loss"][j]).max(-1).mean())
+                    exact = cell["population_loss"].values
+                    row["loss_gap_exact_components"] = float(np.abs(le - exact).max(-1).mean())
                 rows.append(row)
-                if n == cfg["n"][0] and g["d"] == cfg["dims"][min(1, len(cfg["dims"]) - 1)]:
+                if n == cfg["n"][0] and d == cfg["dims"][min(1, len(cfg["dims"]) - 1)]:
                     traj[(label, g.get("nu"))] = le.mean(0)
-            log(f"  Q5 {label} n={n}: {time.time() - t0:.1f} s")
     for r in rows:
         base = next(b for b in rows if b["family"] == "gaussian" and b["d"] == r["d"] and b["n"] == r["n"])
         r["loss_gap_excess"] = r["loss_gap"] - base["loss_gap"]
         r["accuracy_gap_excess"] = r["accuracy_gap"] - base["accuracy_gap"]
         r["head_error_excess"] = r["head_error"] - base["head_error"]
-    static = _q5_static_accuracy(cfg, fams)
+    static = _q5_static_accuracy(cfg, runs)
     static_line = ("accuracy of the Bayes direction e₁ (no training): moment-matched Gaussian "
                    f"{100 * static['gaussian_formula']:.1f}%; " + ", ".join(
                        f"{k} {100 * v:.1f}%" for k, v in static["family"].items()))
@@ -1129,7 +1165,7 @@ def run_q5(cfg, out: Path, log) -> dict:
         f"One balanced behaviour, Δ = {cfg['distinguishability']}, σ = {cfg['sigma']}; families with the same first two "
         "moments (so one moment-matched Gaussian for all): Gaussian (baseline), multivariate Laplace, Student-t "
         f"(ν ∈ {cfg['nu']}), and a two-Gaussian mixture per class split along the preference direction "
-        f"(offsets ±{cfg['mixture_offset']}σ). Prediction: population layer on `gaussian_equivalent()`. "
+        f"(offsets ±{cfg['mixture_spread']}σ, mixture_spread). Prediction: population layer on `gaussian_equivalent()`. "
         f"{cfg['loss']} β = {cfg['beta']}, full-batch GD η = {cfg['lr']}, {cfg['steps']} steps, {cfg['seeds']} seeds, "
         f"held-out loss on {cfg['n_eval']} fresh pairs. Loss gap: max over recorded steps of |held-out loss − "
         "predicted loss| (millinats), mean over seeds; excess: minus the Gaussian baseline's gap at the same d and N "
@@ -1145,12 +1181,14 @@ def run_q5(cfg, out: Path, log) -> dict:
     return res
 
 
-def _q5_static_accuracy(cfg, fams) -> dict:
+def _q5_static_accuracy(cfg, runs) -> dict:
     """Reward accuracy of the Bayes direction δ ∝ e₁ for each family (no training), vs ``Φ(Δ/2σ)``.
 
     This is the part of the accuracy gap that is not dynamics: the moment-matched
     Gaussian mispredicts the accuracy even at the right head. Laplace / Student-t by
-    Monte Carlo (``static_samples`` pairs), the mixture exactly (its components).
+    Monte Carlo (``static_samples`` pairs), the mixture exactly (its components). The laws
+    are built by the sweep's own builders at the first ``d`` of the grid (an analysis-time
+    computation: a fixed head, no trajectory).
     """
     import jax
     import jax.numpy as jnp
@@ -1158,15 +1196,22 @@ def _q5_static_accuracy(cfg, fams) -> dict:
 
     import dynamics as dd
 
+    from .sweep import build_distribution, build_family, configuration_fields
+
     d0 = cfg["dims"][0]
-    e1 = jnp.zeros(cfg["d_max"]).at[0].set(1.0)
+    e1 = jnp.zeros(d0).at[0].set(1.0)
     out = {}
     key = jax.random.key(17)
-    for label, dists, grid in fams:
-        for i, g in enumerate(grid):
-            if g["d"] != d0 or label == "gaussian":
+    for label in cfg["families"]:
+        if label == "gaussian":
+            continue
+        scfg = runs[label][0]
+        for g in _q5_cells(cfg, label):
+            if g["d"] != d0:
                 continue
-            one = jax.tree_util.tree_map(lambda a: a[i], dists)
+            index = [list(scfg.grid[a]).index(g[a] if a in g else scfg.grid[a][0]) for a in scfg.grid]
+            f = configuration_fields(scfg, index)
+            one = build_family(label, build_distribution(f, d=d0)[0], f)
             name = label + (f" ν={g['nu']:g}" if "nu" in g else "")
             if label == "mixture":
                 out[name] = float(dd.gaussian_accuracy(one, e1)[0])

@@ -25,8 +25,8 @@ An optional behaviour column (``behavior_column``) splits the rows into
 behaviours (named by the column's values, in order of first appearance);
 without it every row belongs to one behaviour named after the file. An
 optional confidence column (the persona files' ``label_confidence``) is read
-into ``confidence (n,)``; no downstream command uses it yet (soft labels are
-not implemented in the training loops), it is only recorded in ``emb.npz``.
+into ``confidence (n,)`` in ``emb.npz``; ``dpo-sims real --soft-labels`` trains on it
+(per-pair soft labels, :class:`sims.real.RealConfig`).
 
 The result is a :class:`sims.persona.PersonaData` (one
 :class:`~sims.persona.PersonaFile` per behaviour, whose ``sha256`` hashes the

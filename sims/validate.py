@@ -52,20 +52,20 @@ import os
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-import dynamics as dd
-from dynamics import theory as th
+from ._lazy import LazyModule
+
+# JAX and dynamics load on first use, so `dpo-sims validate --help` imports no JAX
+jax, jnp, dd, th = (LazyModule(m) for m in ("jax", "jax.numpy", "dynamics", "dynamics.theory"))
 
 __all__ = ["Plan", "PLANS", "Check", "run_validation", "register", "run"]
 
 # XLA options for small programs: their runs take milliseconds and their compiles
 # seconds, so trade run time for compile time (about 2.5x faster compiles, 3x slower
-# runs on CPU). Programs above _FAST_WORK sample-steps get the full optimizer.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# runs on CPU). Programs of _FAST_WORK sample-steps or more get the full optimizer
+# (dynamics.chunking.compile_mode, the sweep's and the engines' one policy, with this limit).
 _FAST_WORK = 2**24
 
 _MEMORY_BUDGET = 400e6  # bytes of samples held at once by one chunk of empirical runs
@@ -187,7 +187,9 @@ class Check:
 # ------------------------------------------------------------------ utilities
 def _jit(fn, work: float = 0.0):
     """``jax.jit`` with fast-compile options unless ``work`` (runs × pairs × steps) is large."""
-    return jax.jit(fn, compiler_options=_FAST_COMPILE if work <= _FAST_WORK else None)
+    from dynamics import chunking
+
+    return jax.jit(fn, compiler_options=chunking.compiler_options(chunking.compile_mode(work, limit=_FAST_WORK)))
 
 
 def _np(tree):
@@ -292,7 +294,7 @@ def random_distribution(key, k: int, d: int, gaussian_z: bool = False) -> dd.Gau
 
 
 def random_hparams(key, dist: dd.GaussianPreference, loss: str):
-    """Random ``(beta, lr, eps)`` for one configuration (pure; vmap over keys and dists).
+    """Random ``(beta, lr, label_smoothing)`` for one configuration (pure; vmap over keys and dists).
 
     β log-uniform in [0.1, 3]; ε ∈ [0, 0.3] for ``cdpo`` / ``robust`` (else 0);
     η = u / (c_ℓ λ_max(E[zzᵀ])) with u ∈ [0.1, 0.8] and c_ℓ the loss curvature
@@ -300,12 +302,12 @@ def random_hparams(key, dist: dd.GaussianPreference, loss: str):
     """
     k1, k2, k3 = jax.random.split(key, 3)
     beta = jnp.exp(jax.random.uniform(k1, (), minval=jnp.log(0.1), maxval=jnp.log(3.0)))
-    eps = jax.random.uniform(k2, (), maxval=0.3) if dd.losses.uses_label_smoothing(loss) else jnp.zeros(())
+    label_smoothing = jax.random.uniform(k2, (), maxval=0.3) if dd.losses.uses_label_smoothing(loss) else jnp.zeros(())
     curv = 2.0 if loss == "ipo" else beta**2 / 4.0
     second = dist.z_covariance() + jnp.outer(dist.mean, dist.mean)
     lam = jnp.linalg.eigvalsh(second)[-1]
     lr = jax.random.uniform(k3, (), minval=0.1, maxval=0.8) / (curv * lam)
-    return beta, lr, eps
+    return beta, lr, label_smoothing
 
 
 @functools.lru_cache(maxsize=None)
@@ -319,7 +321,7 @@ def _config_fn(k, d, loss, gaussian_z):
 
 
 def random_configs(key, count: int, k: int, d: int, loss: str = "sigmoid", gaussian_z=False):
-    """``count`` stacked random configurations: ``(dists, beta, lr, eps)`` with leading axis ``count``."""
+    """``count`` stacked random configurations: ``(dists, beta, lr, label_smoothing)`` with leading axis ``count``."""
     out = _config_fn(k, d, loss, gaussian_z)(jax.random.split(key, count))
     out[0].validate()  # concrete: checks every stacked distribution once
     return out
@@ -327,8 +329,8 @@ def random_configs(key, count: int, k: int, d: int, loss: str = "sigmoid", gauss
 
 # -------------------------------------------------------------- main battery
 def _pop_fn(loss, steps):
-    def one(dist, beta, lr, eps):
-        tr = dd.population_trajectory(dist, beta=beta, lr=lr, steps=steps, loss=loss, eps=eps)
+    def one(dist, beta, lr, label_smoothing):
+        tr = dd.population_trajectory(dist, beta=beta, lr=lr, steps=steps, loss=loss, label_smoothing=label_smoothing)
         return {"loss": tr.metrics["loss"], "reward_accuracy": tr.metrics["reward_accuracy"],
                 "weight_change": tr.metrics["weight_change"], "behavior_loss": tr.metrics["behavior_loss"],
                 "delta": tr.delta, "diverged": tr.diverged}
@@ -338,8 +340,8 @@ def _pop_fn(loss, steps):
 
 def _emp_fn(plan, loss, steps, n, batch_size, chunk):
     def one(args):
-        dist, key, beta, lr, eps = args
-        tr = _empirical(dist, key, n=n, n_eval=plan.n_eval, beta=beta, lr=lr, steps=steps, loss=loss, eps=eps,
+        dist, key, beta, lr, label_smoothing = args
+        tr = _empirical(dist, key, n=n, n_eval=plan.n_eval, beta=beta, lr=lr, steps=steps, loss=loss, label_smoothing=label_smoothing,
                         batch_size=batch_size)
         return {"train_loss": tr.train["loss"][-1], "train_acc": tr.train["reward_accuracy"][-1],
                 "eval_acc": tr.eval["reward_accuracy"][-1], "weight_change": tr.train["weight_change"],
@@ -350,9 +352,9 @@ def _emp_fn(plan, loss, steps, n, batch_size, chunk):
 
 
 def _analysis_fn(loss):
-    def one(dist, beta, lr, eps, pop_delta, emp_delta):
-        fs = th.c1_first_step(dist, beta=beta, lr=lr, loss=loss, eps=eps)
-        lo4, hi4 = th.c4_first_step_loss_change(dist, beta=beta, lr=lr, loss=loss, eps=eps)
+    def one(dist, beta, lr, label_smoothing, pop_delta, emp_delta):
+        fs = th.c1_first_step(dist, beta=beta, lr=lr, loss=loss, label_smoothing=label_smoothing)
+        lo4, hi4 = th.c4_first_step_loss_change(dist, beta=beta, lr=lr, loss=loss, label_smoothing=label_smoothing)
         heads = jnp.concatenate([pop_delta, emp_delta, dist.mean[None]], axis=0)
         bound, _, hyp = jax.vmap(lambda u: th.c3_accuracy_bound(dist, u))(heads)
         return {"c1_wc": fs.weight_change, "c1_delta": fs.delta, "c1_lo": fs.loss_first_order,
@@ -368,10 +370,10 @@ def main_battery(key, plan: Plan, log, empirical: bool = True):
     for gi, g in enumerate(plan.groups):
         t0 = time.perf_counter()
         kg = jax.random.fold_in(key, gi)
-        dists, beta, lr, eps = random_configs(jax.random.fold_in(kg, 0), plan.configs, g.k, g.d, g.loss)
-        pop = _np(_pop_fn(g.loss, plan.steps)(dists, beta, lr, eps))
+        dists, beta, lr, label_smoothing = random_configs(jax.random.fold_in(kg, 0), plan.configs, g.k, g.d, g.loss)
+        pop = _np(_pop_fn(g.loss, plan.steps)(dists, beta, lr, label_smoothing))
         runs = plan.configs * plan.seeds
-        d_, b_, l_, e_ = _repeat((dists, beta, lr, eps), plan.seeds)  # configuration-major runs
+        d_, b_, l_, e_ = _repeat((dists, beta, lr, label_smoothing), plan.seeds)  # configuration-major runs
         emp = {}
         for ni, n in enumerate(plan.n_grid if empirical else ()):
             keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(kg, 1), ni), runs)
@@ -384,9 +386,9 @@ def main_battery(key, plan: Plan, log, empirical: bool = True):
             flat = emp_delta.reshape(plan.configs, -1, g.d)
         else:
             flat = np.zeros((plan.configs, 0, g.d), np.float32)
-        ana = _np(_analysis_fn(g.loss)(dists, beta, lr, eps, jnp.asarray(pop["delta"]), jnp.asarray(flat)))
+        ana = _np(_analysis_fn(g.loss)(dists, beta, lr, label_smoothing, jnp.asarray(pop["delta"]), jnp.asarray(flat)))
         records.append({"group": g, "beta": np.asarray(beta), "lr": np.asarray(lr),
-                        "eps": np.asarray(eps), "pop": pop, "emp": emp, "ana": ana})
+                        "label_smoothing": np.asarray(label_smoothing), "pop": pop, "emp": emp, "ana": ana})
         log(f"  main group K={g.k} d={g.d} loss={g.loss} batch="
             f"{'full' if g.batch_fraction is None else f'n/{g.batch_fraction}'}: {time.perf_counter() - t0:.1f} s")
     return records
@@ -451,8 +453,8 @@ def check_c2(records, plan):
         if g.loss == "ipo":
             continue
         n_cfg += len(r["beta"])
-        beta, lr, eps = r["beta"], r["lr"], r["eps"]
-        lip = np.asarray(th.loss_lipschitz(g.loss, beta, eps))
+        beta, lr, label_smoothing = r["beta"], r["lr"], r["label_smoothing"]
+        lip = np.asarray(th.loss_lipschitz(g.loss, beta, label_smoothing))
         for n in plan.n_grid:
             e = r["emp"][n]
             bound = np.sqrt(2.0) * (lr * lip)[:, None, None] * e["cum"]  # (C, S, T+1)

@@ -70,10 +70,10 @@ def test_equals_core_empirical_trajectory(x64, rng, kinds, k, draws, optimizer, 
     d, c = 3, 3
     head = _head(rng, d, head_kind)
     beta, lr = np.array([0.6, 1.0, 1.7]), np.array([0.05, 0.1, 0.2])
-    eps = 0.1 if loss in ("cdpo", "robust") else 0.0
+    label_smoothing = 0.1 if loss in ("cdpo", "robust") else 0.0
     key = jax.random.key(11)
     kw = dict(n=48, n_eval=40, steps=8, record_every=2, loss=loss, batch_size=batch_size, optimizer=optimizer,
-              head=head, eps=eps)
+              head=head, label_smoothing=label_smoothing)
     for kind in kinds:
         dists = _dists(rng, kind, k, d, c)
         batch = PreferenceBatch.from_dists(dists)
@@ -122,12 +122,12 @@ def test_numpy_reference_of_the_crn_construction(x64):
     # the shared draws, rebuilt from the documented recipe (GaussianPreference.sample's keys)
     kb, ks, kx = jax.random.split(jax.random.split(key, 3)[0], 3)
     u = np.asarray(jax.random.uniform(ks, (n,)))
-    eps = np.asarray(jax.random.normal(kx, (n, d)))
+    z = np.asarray(jax.random.normal(kx, (n, d)))
     for i in range(c):
         s = np.where(u < p[i], 1.0, -1.0)
         mu = np.zeros((n, d))
         mu[:, 0] = s * delta_true[i] / 2  # μ± = ±(Δ/2) e₁
-        x = mu + sigma[i] * eps
+        x = mu + sigma[i] * z
         dl = np.zeros(d)
         for _ in range(steps):
             h = s * (x @ dl)
@@ -138,8 +138,8 @@ def test_numpy_reference_of_the_crn_construction(x64):
         np.testing.assert_allclose(got.train["loss"][i, -1], loss, atol=1e-11)
     # common random numbers: the standardised noise of every configuration is the same ε
     x, s, _ = sample_batch(batch, jax.random.split(key, 3)[0], n)
-    z = (np.asarray(x) - np.asarray(s)[:, :, None] * delta_true[:, None, None] / 2 * np.eye(d)[0])[:3] / sigma[:3, None, None]
-    np.testing.assert_allclose(z, np.broadcast_to(eps, z.shape), atol=1e-12)
+    z_back = (np.asarray(x) - np.asarray(s)[:, :, None] * delta_true[:, None, None] / 2 * np.eye(d)[0])[:3] / sigma[:3, None, None]
+    np.testing.assert_allclose(z_back, np.broadcast_to(z, z_back.shape), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["diag", "full"])
@@ -217,7 +217,7 @@ def test_batch_constructors_agree(x64, rng):
     (lambda b: batched_empirical_trajectory(b, jax.random.key(0), n=8, beta=1.0, lr=0.1, steps=2, batch_size=9),
      "batch_size"),
     (lambda b: batched_population_trajectory(b, beta=1.0, lr=0.1, steps=3, record_every=2), "record_every"),
-    (lambda b: batched_population_trajectory(b, beta=1.0, lr=0.1, steps=2, eps=0.1), "no effect"),
+    (lambda b: batched_population_trajectory(b, beta=1.0, lr=0.1, steps=2, label_smoothing=0.1), "no effect"),
     (lambda b: batched_empirical_trajectory(b, jax.random.key(0), n=8, beta=1.0, lr=[0.1, 0.0], steps=2), "lr"),
     (lambda b: batched_empirical_trajectory(b.stacked(), jax.random.key(0), n=8, beta=1.0, lr=0.1, steps=2),
      "PreferenceBatch"),

@@ -112,7 +112,7 @@ def test_bad_hyperparameters_raise():
         (lambda: dd.population_trajectory(dist, beta=0.0, lr=0.1, steps=2), "beta must be > 0"),
         (lambda: dd.population_trajectory(dist, beta=1.0, lr=-1.0, steps=2), "lr must be > 0"),
         (lambda: dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, loss="dpo"), "unknown loss 'dpo'"),
-        (lambda: dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, loss="cdpo", eps=0.7), "eps must lie"),
+        (lambda: dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, loss="cdpo", label_smoothing=0.7), "label_smoothing must lie"),
         (lambda: dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=5, record_every=2), "multiple of record_every"),
         (lambda: dd.population_trajectory(dist, beta=float("nan"), lr=0.1, steps=2), "beta contains NaN"),
         (lambda: dd.empirical_trajectory(dist, key, n=0, beta=1.0, lr=0.1, steps=2), "n must be >= 1"),
@@ -125,6 +125,7 @@ def test_bad_hyperparameters_raise():
             fn()
 
 
+@pytest.mark.slow
 def test_vmap_over_distributions_matches_loop():
     """64 distributions through both layers in one vmapped call equal a Python loop."""
     deltas = jnp.linspace(0.2, 3.0, 64)
@@ -156,7 +157,7 @@ def test_more_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="lr must be a scalar"):
         dd.empirical_trajectory(dist, jax.random.key(0), n=4, beta=1.0, lr=jnp.ones(3), steps=2)
     with pytest.raises(ValueError, match="no effect with loss='sigmoid'"):
-        dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, eps=0.1)
+        dd.population_trajectory(dist, beta=1.0, lr=0.1, steps=2, label_smoothing=0.1)
     (tmp_path / "text.npz").write_text("not an archive")
     (tmp_path / "empty.npz").write_bytes(b"")
     for name in ("text.npz", "empty.npz"):
@@ -166,6 +167,7 @@ def test_more_bad_inputs(tmp_path):
         dd.GaussianPreference.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_autodiff_through_population_is_finite_at_zero(x64):
     """jax.grad of the population loss at δ = 0 equals the Stein gradient (finite, no NaN)."""
     dist = dd.GaussianPreference.single(1.5, d=3, sigma=0.7)
@@ -180,6 +182,7 @@ def test_autodiff_through_population_is_finite_at_zero(x64):
     assert abs(float(dl) - float(fd)) < 1e-6
 
 
+@pytest.mark.slow
 def test_float32_distribution_runs_under_x64():
     dist = dd.GaussianPreference.single(1.0, d=2)  # built in float32
     with jax.enable_x64(True):

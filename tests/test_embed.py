@@ -431,6 +431,7 @@ def test_trl_formats_read_the_same_rows(trl_files):
         trl_data.read_trl_rows(tmp / "plain")
 
 
+@pytest.mark.slow
 @pytest.mark.embed
 def test_trl_embed_with_minilm_matches_a_direct_encode_and_feeds_properties(trl_files, capsys):
     """embed --format trl on jsonl, parquet and a save_to_disk folder → the same emb.npz, equal to a direct

@@ -21,8 +21,8 @@ def _head(rng, d, v=5):
 def test_full_head_equals_reduced(x64, rng, loss, optimizer):
     dist = random_dist(rng, k=2, d=4)
     head = _head(rng, 4)
-    eps = 0.1 if loss in ("cdpo", "robust") else 0.0  # ε only exists for the smoothed losses
-    kw = dict(n=96, n_eval=64, beta=0.9, lr=0.05, steps=12, record_every=3, loss=loss, eps=eps,
+    label_smoothing = 0.1 if loss in ("cdpo", "robust") else 0.0  # ε only exists for the smoothed losses
+    kw = dict(n=96, n_eval=64, beta=0.9, lr=0.05, steps=12, record_every=3, loss=loss, label_smoothing=label_smoothing,
               optimizer=optimizer, batch_size=32, head=head)
     red = dd.empirical_trajectory(dist, jax.random.key(5), path="reduced", **kw)
     full = dd.empirical_trajectory(dist, jax.random.key(5), path="full", **kw)
@@ -137,6 +137,7 @@ def test_minibatch_order_table_equals_per_step_permutation(monkeypatch):
     assert _train.epoch_orders(key, n, b, steps, d=2) is None
 
 
+@pytest.mark.slow
 def test_custom_optax_and_vmap_over_keys(rng):
     dist = random_dist(rng, k=2, d=3)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))

@@ -75,7 +75,7 @@ def _inputs(layer, loss, optimizer, head_kind, cov, features):
         w0 = w_ref if head_kind == "ref" else w_ref + rng.normal(size=(C, 3, D)) * 0.3
         heads = [dd.Head.create(w_ref[i], w0[i], a=2, b=0) for i in range(C)]
     kw = dict(beta=np.array([0.7, 1.6]), lr=np.array([0.15, 0.3]) if optimizer == "sgd" else np.array([0.05, 0.1]),
-              eps=np.array([0.1, 0.2]) if loss in ("cdpo", "robust") else np.zeros(C), steps=STEPS,
+              label_smoothing=np.array([0.1, 0.2]) if loss in ("cdpo", "robust") else np.zeros(C), steps=STEPS,
               record_every=EVERY, loss=loss, optimizer=None if optimizer == "sgd" else optimizer)
     if "label_noise" in features:
         kw["label_noise"] = np.array([[0.1, 0.3], [0.25, 0.0]])
@@ -92,7 +92,7 @@ def _one(kw, i):
     """Configuration i's arguments for the core."""
     out = {}
     for name, v in kw.items():
-        out[name] = v[i] if name in ("beta", "lr", "eps", "label_noise", "loss_weight") else v
+        out[name] = v[i] if name in ("beta", "lr", "label_smoothing", "label_noise", "loss_weight") else v
     return out
 
 

@@ -75,7 +75,7 @@ def test_label_noise_population_vs_monte_carlo(rng):
     rho = jnp.array([0.1, 0.35])
     delta = jnp.asarray(rng.normal(size=3), dtype=jnp.float32)
     x, s, beh = dist.sample(jax.random.key(0), 400_000)
-    s_noisy = dd.flip_labels(jax.random.key(1), s, beh, rho)
+    s_noisy = dd.noisy_labels(jax.random.key(1), s, beh, rho)
     flipped = np.asarray(s_noisy != s)
     for k, r in enumerate([0.1, 0.35]):
         sel = np.asarray(beh) == k

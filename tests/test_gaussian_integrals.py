@@ -174,14 +174,14 @@ def test_quadrature_rule_switches_the_default(x64):
 @pytest.mark.parametrize("loss", dd.LOSSES)
 @pytest.mark.parametrize("beta_sigma", [0.1, 10.0, 200.0])
 def test_expected_loss_terms_vs_quad(x64, loss, beta_sigma):
-    sigma, mu, eps = 1.3, 0.21, 0.15
+    sigma, mu, label_smoothing = 1.3, 0.21, 0.15
     beta = beta_sigma / sigma
-    e_l, e_l1, e_l2 = (float(v) for v in dd.expected_loss_terms(loss, mu, sigma, beta, eps))
+    e_l, e_l1, e_l2 = (float(v) for v in dd.expected_loss_terms(loss, mu, sigma, beta, label_smoothing))
     kinks = (0.0, 1.0 / beta)  # the sigmoid family is sharpest at 0, the hinge kinks at 1/β
-    ref_l = _quad(lambda a: np.asarray(dd.loss_fn(loss, a, beta, eps)), mu, sigma, kinks)
-    ref_l1 = _quad(lambda a: np.asarray(dd.loss_grad_fn(loss, a, beta, eps)), mu, sigma, kinks)
+    ref_l = _quad(lambda a: np.asarray(dd.loss_fn(loss, a, beta, label_smoothing)), mu, sigma, kinks)
+    ref_l1 = _quad(lambda a: np.asarray(dd.loss_grad_fn(loss, a, beta, label_smoothing)), mu, sigma, kinks)
     # Stein: E[ℓ''(a)] = E[ℓ'(a)(a − μ)]/σ² (valid for the hinge's point mass too)
-    ref_l2 = _quad(lambda a: np.asarray(dd.loss_grad_fn(loss, a, beta, eps)) * (a - mu), mu, sigma, kinks) / sigma**2
+    ref_l2 = _quad(lambda a: np.asarray(dd.loss_grad_fn(loss, a, beta, label_smoothing)) * (a - mu), mu, sigma, kinks) / sigma**2
     scale = max(1.0, abs(ref_l))
     assert abs(e_l - ref_l) <= 1e-9 * scale
     assert abs(e_l1 - ref_l1) <= 1e-9 * max(1.0, abs(ref_l1))

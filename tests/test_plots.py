@@ -289,3 +289,25 @@ def test_plot_unfinished_stores(sweep_store, tmp_path, capsys):
     code = main(["plot", str(sweep_store), "--y", "loss", "--hue", "lr", "--sel", "distinguishability=1",
                  "--out", str(tmp_path / "full.png")])
     assert code == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_plot_refuses_an_unknown_image_extension_and_a_foreign_folder_first(tmp_path, capsys):
+    """``--out p.txt`` (and no extension) is refused before the store is read, naming the extensions
+    matplotlib writes (it was matplotlib's own error after drawing); a folder dpo-sims did not write is called
+    that, without advising ``--overwrite`` (the plot has none, and the sweep would refuse it)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    missing = tmp_path / "missing.zarr"  # never read: the extension is checked first
+    for out, what in (("p.txt", "extension .txt is not an image format"), ("p", "has no extension")):
+        code = main(["plot", str(missing), "--y", "loss", "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and what in err, err
+        assert all(f".{ext}" in err for ext in FigureCanvasBase.get_supported_filetypes()) and ".png" in err
+        assert not (tmp_path / out).exists()
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("mine")
+    code = main(["plot", str(foreign), "--y", "loss", "--out", str(tmp_path / "f.pdf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{foreign} is not a dpo-sims results store" in err and "--overwrite" not in err, err
+    assert (foreign / "a.txt").read_text() == "mine" and not (tmp_path / "f.pdf").exists()

@@ -12,11 +12,11 @@ from conftest import random_dist
 @pytest.mark.parametrize("loss", dd.LOSSES)
 def test_gradient_matches_finite_differences(x64, rng, loss):
     dist = random_dist(rng, k=2, d=5)
-    beta, eps = 1.7, 0.1
+    beta, label_smoothing = 1.7, 0.1
     for scale in (0.3, 3.0):  # β σ_a around 1 and around 10
         delta = jnp.asarray(rng.normal(size=5) * scale)
-        g = np.asarray(dd.population_gradient(dist, delta, beta=beta, loss=loss, eps=eps))
-        f = lambda v: float(dd.population_loss(dist, jnp.asarray(v), beta=beta, loss=loss, eps=eps))
+        g = np.asarray(dd.population_gradient(dist, delta, beta=beta, loss=loss, label_smoothing=label_smoothing))
+        f = lambda v: float(dd.population_loss(dist, jnp.asarray(v), beta=beta, loss=loss, label_smoothing=label_smoothing))
         h = 1e-5
         fd = np.array([(f(delta + h * e) - f(delta - h * e)) / (2 * h) for e in np.eye(5)])
         np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
@@ -70,7 +70,7 @@ def test_population_loss_vs_monte_carlo(rng):
     dist = random_dist(rng, k=2, d=5)
     delta = jnp.asarray(rng.normal(size=5), dtype=jnp.float32)
     for loss in dd.LOSSES:
-        pl = float(dd.population_loss(dist, delta, beta=1.3, loss=loss, eps=0.1))
+        pl = float(dd.population_loss(dist, delta, beta=1.3, loss=loss, label_smoothing=0.1))
         x, s, _ = dist.sample(jax.random.key(7), 400_000)
         vals = np.asarray(dd.loss_fn(loss, s * (x @ delta), 1.3, 0.1), dtype=np.float64)
         assert abs(vals.mean() - pl) < 4.5 * vals.std() / np.sqrt(vals.size), loss

@@ -43,8 +43,8 @@ def _numpy_series(dist, l1, l2):
 
 
 # ℓ'(0), ℓ''(0) by hand: sigmoid family −β/2 + cβ and β²/4; ipo −1/β... (2(0 − 1/(2β))) and 2; hinge −β and 0
-def _derivs(loss, beta, eps):
-    c = {"cdpo": eps, "robust": -eps / (1 - 2 * eps)}.get(loss, 0.0)
+def _derivs(loss, beta, label_smoothing):
+    c = {"cdpo": label_smoothing, "robust": -label_smoothing / (1 - 2 * label_smoothing)}.get(loss, 0.0)
     if loss == "ipo":
         return -1.0 / beta, 2.0
     if loss == "hinge":
@@ -52,19 +52,19 @@ def _derivs(loss, beta, eps):
     return -beta / 2 + c * beta, beta**2 / 4
 
 
-@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("cdpo", 0.2), ("robust", 0.1), ("ipo", 0.0),
+@pytest.mark.parametrize("loss,label_smoothing", [("sigmoid", 0.0), ("cdpo", 0.2), ("robust", 0.1), ("ipo", 0.0),
                                       ("hinge", 0.0)])
-def test_loss_series_matches_numpy_and_flow_finite_differences(x64, loss, eps):
+def test_loss_series_matches_numpy_and_flow_finite_differences(x64, loss, label_smoothing):
     rng = np.random.default_rng(7)
     dist = _random_dist(rng)
     beta = 1.3
-    rate, curv = map(np.asarray, dd.loss_series(dist, beta=beta, loss=loss, eps=eps))
-    r_np, a_np = _numpy_series(dist, *_derivs(loss, beta, eps))
+    rate, curv = map(np.asarray, dd.loss_series(dist, beta=beta, loss=loss, label_smoothing=label_smoothing))
+    r_np, a_np = _numpy_series(dist, *_derivs(loss, beta, label_smoothing))
     np.testing.assert_allclose(rate, r_np, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(curv, a_np, rtol=1e-12, atol=1e-14)
     # finite differences of the package's gradient flow dδ/dτ = −2∇L (RK4), one-sided 4-point stencils
     h = 2e-3
-    tr = dd.population_trajectory(dist, beta=beta, lr=h, steps=3, loss=loss, eps=eps, method="flow", substeps=8)
+    tr = dd.population_trajectory(dist, beta=beta, lr=h, steps=3, loss=loss, label_smoothing=label_smoothing, method="flow", substeps=8)
     L = np.asarray(tr.metrics["behavior_loss"], float)  # (4, K) at τ = 0, h, 2h, 3h
     fd_rate = (-11 * L[0] + 18 * L[1] - 9 * L[2] + 2 * L[3]) / (6 * h)
     fd_curv = (2 * L[0] - 5 * L[1] + 4 * L[2] - L[3]) / h**2

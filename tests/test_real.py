@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -257,6 +258,7 @@ def test_bad_config_and_cli_errors(tmp_path):
     assert cli.main(["real", str(tmp_path / "e.npz"), "--out", str(tmp_path / "o"), "--head", "reference"]) == 2
 
 
+@pytest.mark.slow
 def test_real_report_section_end_to_end(tmp_path, monkeypatch):
     """embed (MiniLM) → properties → real on 2 behaviours × 60 real statements, via the report hook."""
     pytest.importorskip("sentence_transformers")
@@ -286,3 +288,179 @@ def test_real_report_section_end_to_end(tmp_path, monkeypatch):
     # the MiniLM embeddings are unit vectors: distinguishability ≤ 2 and the traces ≤ 1
     assert 0 < float(props["subscribes-to-Buddhism"]["distinguishability"]) < 2
     assert 0 < float(props["agreeableness"]["trace"]) < 1
+
+
+# ------------------------------------------------ covariance-aware priority score on real pairs
+def _two_behaviors(seed=0, n=1000):
+    """A: Δ = 1.2 along e1 with variance 1.5 along it; B: Δ = 1.0 along e2, variance 0.05. The paper's gap
+    (means only) says A is learned first; A's loss decelerates (its margin's variance grows along the learned
+    direction), so over 5 steps B's loss falls more — what the covariance-aware score predicts."""
+    rng = np.random.default_rng(seed)
+    xs, ss, bs = [], [], []
+    for k, (axis, delta, var) in enumerate(((0, 1.2, (1.5, 0.05, 0.05, 0.05)), (1, 1.0, (0.05,) * 4))):
+        s = np.tile([1, -1], n // 2)
+        x = rng.normal(size=(n, D)) * np.sqrt(var)
+        x[:, axis] += s * delta / 2
+        xs.append(x)
+        ss.append(s)
+        bs.append(np.full(n, k))
+    return EmbeddingSet(x=np.concatenate(xs).astype(np.float32), s=np.concatenate(ss).astype(np.int8),
+                        behavior=np.concatenate(bs).astype(np.int32), names=("wide1.2", "narrow1.0"))
+
+
+def test_priority_score_is_right_where_the_gap_is_wrong(tmp_path):
+    emb = _two_behaviors()
+    cfg = real.RealConfig(steps=5, early_steps=5, misalign_steps=5, batch_size=64, max_pairs=1)
+    summary = real.run_real(emb, tmp_path, cfg, progress=None)
+    (row,) = list(csv.DictReader(open(tmp_path / "priority.csv")))
+    gap, score, diff = float(row["priority_gap"]), float(row["priority_score"]), float(row["real_drop_i_minus_j"])
+    # population GD on the true Gaussians (closed form up to quadrature): B's 5-step drop is 0.22 nats, A's 0.10
+    assert gap > 0.15 and score < -0.15 and diff < -0.05
+    assert row["gap_agrees"] == "0" and row["score_agrees"] == "1"
+    pr = summary["priority"]
+    assert pr["agreement_gap_vs_real"] == 0.0 and pr["agreement_score_vs_real"] == 1.0
+    by_gap = {(b["lo"], b["hi"]): b for b in summary["priority_agreement_gap"]}
+    by_score = {(b["lo"], b["hi"]): b for b in summary["priority_agreement_score"]}
+    assert sum(b["pairs"] for b in by_gap.values()) == sum(b["pairs"] for b in by_score.values()) == 1
+    assert by_gap[(0.2, 0.5)]["pairs"] == 1 and by_gap[(0.2, 0.5)]["agree"] == 0
+    lo = [b for b in by_score.values() if b["pairs"]][0]
+    assert lo["lo"] <= abs(score) and lo["agree"] == 1
+    md = (tmp_path / "real.md").read_text()
+    assert "priority score" in md and "| abs(score) |" in md
+
+
+# ------------------------------------------------------------------------- soft labels
+def _np_soft_steps(x, s, c, beta, lr, steps, dloss):
+    """Full-batch GD on δ with the per-pair soft loss c ℓ(h) + (1 − c) ℓ(−h), h = s xᵀδ, in float64 NumPy:
+    δ ← δ − 2η mean_i [c_i ℓ'(h_i) − (1 − c_i) ℓ'(−h_i)] s_i x_i (W_a and W_b each move η × the gradient)."""
+    x, s, c = (np.asarray(v, np.float64) for v in (x, s, c))
+    delta = np.zeros(x.shape[1])
+    out = [delta]
+    for _ in range(steps):
+        h = s * (x @ delta)
+        g = np.mean(((c * dloss(h, beta) - (1 - c) * dloss(-h, beta)) * s)[:, None] * x, axis=0)
+        delta = delta - 2 * lr * g
+        out.append(delta)
+    return np.stack(out)
+
+
+_DLOSS = {"sigmoid": lambda h, b: -b / (1 + np.exp(b * h)),  # ℓ = −log σ(βh)
+          "ipo": lambda h, b: 2 * (h - 1 / (2 * b))}  # ℓ = (h − 1/(2β))²
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("path", ["reduced", "full"])
+def test_soft_labels_match_a_numpy_gradient(loss, path):
+    rng = np.random.default_rng(3)
+    n, d = 6, 3
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    s = rng.choice([-1.0, 1.0], n).astype(np.float32)
+    c = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    z = np.zeros(n, np.int32)
+    tr = dd.trajectory_on_data((x, s, z), (x, s, z), jax.random.key(0), num_behaviors=1, beta=0.7, lr=0.4,
+                               steps=3, loss=loss, path=path, label_confidence=c)
+    want = _np_soft_steps(x, s, c, 0.7, 0.4, 3, _DLOSS[loss])
+    np.testing.assert_allclose(np.asarray(tr.delta), want, rtol=2e-5, atol=2e-6)
+    # c = 1 is the hard-label loss; the metrics stay on the hard labels
+    hard = dd.trajectory_on_data((x, s, z), (x, s, z), jax.random.key(0), num_behaviors=1, beta=0.7, lr=0.4,
+                                 steps=3, loss=loss, path=path)
+    ones = dd.trajectory_on_data((x, s, z), (x, s, z), jax.random.key(0), num_behaviors=1, beta=0.7, lr=0.4,
+                                 steps=3, loss=loss, path=path, label_confidence=np.ones(n, np.float32))
+    np.testing.assert_allclose(np.asarray(ones.delta), np.asarray(hard.delta), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(tr.delta[-1]), np.asarray(hard.delta[-1]), atol=1e-3)
+
+
+def test_soft_labels_bad_input():
+    x = np.ones((4, 2), np.float32)
+    s = np.array([1, -1, 1, -1], np.float32)
+    z = np.zeros(4, np.int32)
+    kw = dict(num_behaviors=1, beta=1.0, lr=0.1, steps=1)
+    with pytest.raises(ValueError, match="label_confidence"):
+        dd.trajectory_on_data((x, s, z), (x, s, z), jax.random.key(0), label_confidence=np.ones(3), **kw)
+    with pytest.raises(ValueError, match="label_confidence"):
+        dd.trajectory_on_data((x, s, z), (x, s, z), jax.random.key(0), label_confidence=np.full(4, 0.4), **kw)
+
+
+@pytest.mark.slow
+def test_real_soft_labels_follow_the_mean_smoothing_prediction(tmp_path):
+    """Gaussian behaviours with confidences drawn independently of x: the population prediction with flip rate
+    ε_k = mean(1 − c) per behaviour is exact in expectation, so full-batch GD tracks it as closely as with hard
+    labels; the hard-label prediction is far off (the soft loss falls much less)."""
+    rng = np.random.default_rng(5)
+    emb = _synthetic()
+    keep = emb.behavior < 2  # gauss0.8, gauss1.6
+    conf = rng.uniform(0.6, 1.0, int(keep.sum())).astype(np.float32)  # mean ε = 0.2
+    emb = EmbeddingSet(x=emb.x[keep], s=emb.s[keep], behavior=emb.behavior[keep], names=emb.names[:2],
+                       confidence=conf)
+    cfg = real.RealConfig(steps=40, early_steps=5, misalign_steps=5, batch_size=64, max_pairs=1)
+    soft = real.run_real(emb, tmp_path / "soft", dataclasses.replace(cfg, soft_labels=True), progress=None)
+    hard = real.run_real(emb, tmp_path / "hard", cfg, progress=None)
+    for b_soft, b_hard in zip(soft["behaviors"], hard["behaviors"]):
+        assert b_soft["label_smoothing_mean"] == pytest.approx(0.2, abs=0.02)
+        assert b_soft["prediction_error_gd"] < 0.02
+        assert b_soft["final_loss_predicted"] - b_hard["final_loss_predicted"] > 0.05
+    assert soft["soft_labels"] and not hard["soft_labels"]
+    # without a confidence anywhere, --soft-labels is refused with the fix
+    bare = dataclasses.replace(emb, confidence=None)
+    with pytest.raises(ValueError, match="confidence"):
+        real.run_real(bare, tmp_path / "bare", dataclasses.replace(cfg, soft_labels=True), progress=None)
+
+
+# --------------------------------------------------------------- union sampling of pair runs
+@pytest.mark.parametrize("batches", ["epoch", "iid"])
+def test_union_batches_follow_the_natural_counts(batches):
+    """Rows of a 2-block padded union (block b: rows [b·n_max, b·n_max + n_b)): every batch holds B distinct
+    valid rows, and the share of block 0 matches n_0/(n_0 + n_1). Each of the T·B draws is from block 0 with
+    probability p (drawing without replacement only lowers the variance of the total), so the pooled share
+    lies within 4 binomial standard deviations √(p(1−p)/(T·B)) of p."""
+    n_max, b, steps = 320, 64, 60
+    for counts in ((300, 100), (100, 100), (40, 300)):
+        idx = np.asarray(real.union_batch_index(jax.random.key(1), np.array(counts), n_max, b, steps, batches))
+        assert idx.shape == (steps, b)
+        block, row = idx // n_max, idx % n_max
+        assert np.all(row < np.where(block == 0, counts[0], counts[1]))  # never a padding row
+        assert all(len(set(r)) == b for r in idx)  # distinct rows within a batch
+        p = counts[0] / sum(counts)
+        assert abs((block == 0).mean() - p) < 4 * math.sqrt(p * (1 - p) / (steps * b)), counts
+        if batches == "epoch":  # each epoch visits ⌊(n_0 + n_1)/B⌋ batches of distinct rows
+            per_epoch = sum(counts) // b
+            first = idx[:per_epoch].ravel()
+            assert len(set(first)) == per_epoch * b
+
+
+@pytest.mark.slow
+def test_pair_runs_sample_the_union_with_natural_counts(tmp_path):
+    """Behaviours of 1000 and 300 statements: with --pair-sampling union the pair's batches hold the rows in the
+    natural ratio (900 : 270 training rows), with equal the common size (270 : 270); reported per pair."""
+    emb = _synthetic()
+    keep = np.concatenate([np.flatnonzero(emb.behavior == 0), np.flatnonzero(emb.behavior == 1)[:300]])
+    emb = EmbeddingSet(x=emb.x[keep], s=emb.s[keep], behavior=emb.behavior[keep], names=emb.names[:2])
+    cfg = real.RealConfig(steps=5, early_steps=5, misalign_steps=5, batch_size=64, max_pairs=1)
+    union = real.run_real(emb, tmp_path / "u", cfg, progress=None)
+    equal = real.run_real(emb, tmp_path / "e", dataclasses.replace(cfg, pair_sampling="equal"), progress=None)
+    assert union["priority"]["pair_sampling"] == "union" and equal["priority"]["pair_sampling"] == "equal"
+    (ru,) = list(csv.DictReader(open(tmp_path / "u" / "priority.csv")))
+    (re_,) = list(csv.DictReader(open(tmp_path / "e" / "priority.csv")))
+    assert (int(ru["train_rows_i"]), int(ru["train_rows_j"])) == (900, 270)
+    assert (int(re_["train_rows_i"]), int(re_["train_rows_j"])) == (270, 270)
+    with pytest.raises(ValueError, match="pair_sampling"):
+        real.RealConfig(pair_sampling="both").validate()
+
+
+def test_confidence_from_the_persona_files(tmp_path):
+    """An emb.npz without a confidence array: --soft-labels reads label_confidence from each statement's line of
+    its persona file (checked against the recorded SHA-256)."""
+    import hashlib
+
+    rows = [{"question": f"q{i}", "label_confidence": c, "answer_matching_behavior": " Yes" if i % 2 else " No",
+             "answer_not_matching_behavior": " No" if i % 2 else " Yes"} for i, c in enumerate((0.9, 0.6, 0.75, 1.0))]
+    f = tmp_path / "b.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    emb = EmbeddingSet(x=np.ones((3, 2), np.float32), s=np.array([1, -1, 1], np.int8), behavior=np.zeros(3, np.int32),
+                       names=("b",), line=np.array([2, 3, 4], np.int32), files=(str(f),), file_sha256=(sha,))
+    np.testing.assert_allclose(real._confidence(emb), [0.6, 0.75, 1.0], rtol=1e-7)
+    with pytest.raises(ValueError, match="SHA-256"):
+        real._confidence(dataclasses.replace(emb, file_sha256=("0" * 64,)))
+    with pytest.raises(ValueError, match=r"\[1/2, 1\]"):
+        real._confidence(dataclasses.replace(emb, confidence=np.array([0.3, 0.9, 0.9], np.float32)))

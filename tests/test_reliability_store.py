@@ -294,8 +294,8 @@ def test_unwritable_or_file_parent_out_is_refused_before_any_computation(tiny, t
     def no_compute(*a, **k):
         raise AssertionError("computed before checking --out")
 
-    monkeypatch.setattr(sw, "_check_program", no_compute)
-    monkeypatch.setattr(sw, "_run_chunk", no_compute)
+    monkeypatch.setattr(sw.run, "_check_program", no_compute)  # where run_sweep looks them up
+    monkeypatch.setattr(sw.run, "_run_chunk", no_compute)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     err = _one_line_error(capsys, ["sweep", str(cfg_path), "--out", str(a_file / "r.zarr"), "--no-progress"])
@@ -457,3 +457,168 @@ def test_validate_and_bench_outputs_are_checked_before_any_run(tmp_path, capsys)
     err = _one_line_error(capsys, ["bench", "--quick", "--json", str(afile / "x.json")])
     assert "is a file" in err
     assert afile.read_text() == "user data\n"
+
+
+# ----------------------------------------------------------------------------- a whole variable deleted
+def _zarray(path, name):
+    return json.loads((path / name / ".zarray").read_text())
+
+
+def test_a_deleted_variable_is_found_after_zmetadata_was_rebuilt_and_recreated(tmp_path, capsys):
+    """``rm -r STORE/loss`` and a later rebuild of ``.zmetadata`` (which then forgets it): the root attributes
+    still name it; verify reports it, --repair recreates it (the same .zarray as written) and marks its chunks
+    for recompute; writing them back gives the values and a clean verify (it was a KeyError in write_chunk)."""
+    path = tmp_path / "r.zarr"
+    _filled(path)
+    original = _zarray(path, "loss")
+    assert "loss" in ResultsStore.read_attrs(path)["store_arrays"]
+    shutil.rmtree(path / "loss")
+    st._consolidate(path)  # what a resume or a repair did: .zmetadata now lacks loss
+    assert "loss/.zarray" not in json.loads((path / ".zmetadata").read_text())["metadata"]
+    rep = verify_store(path)
+    assert rep.missing == ["loss"] and not rep.ok and sorted(rep.bad) == [0, 1, 2]
+    assert main(["verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "1 array(s) missing (loss)" in err and "--repair" in err
+
+    rep = verify_store(path, repair=True)
+    assert rep.missing == [] and any("recreated loss" in r for r in rep.repaired)
+    assert _zarray(path, "loss") == original
+    assert ResultsStore(path).done().tolist() == [False, False, False]
+    store = ResultsStore(path)
+    for i in range(3):  # the recompute: no KeyError, and the values come back
+        store.write_chunk(i, (slice(2 * i, 2 * i + 2),),
+                          {"loss": 10.0 * i + np.arange(16, dtype=np.float32).reshape(2, 2, 4),
+                           "diverged": np.full((2, 2), i == 1)})
+    assert verify_store(path).ok
+    np.testing.assert_array_equal(xr.open_zarr(path)["loss"].values[4:6], 20.0 + np.arange(16).reshape(2, 2, 4))
+
+
+def test_deleted_bookkeeping_arrays_and_coordinates(tmp_path):
+    """A deleted chunk_digest: every finished chunk is unverifiable, so damaged (it was read as an old store
+    without checksums and trusted); a deleted chunk_done is recreated all unfinished; a deleted coordinate is
+    not restored with missing values by verify, but from the template by a resume."""
+    path = tmp_path / "r.zarr"
+    _filled(path)
+    shutil.rmtree(path / "chunk_digest")
+    rep = verify_store(path)
+    assert rep.missing == ["chunk_digest"] and sorted(rep.bad) == [0, 1, 2] and rep.unverified == 0
+    assert all("checksum is lost" in why for why in rep.bad.values())
+    rep = verify_store(path, repair=True)
+    assert not rep.missing and ResultsStore(path).done().tolist() == [False] * 3
+    np.testing.assert_array_equal(xr.open_zarr(path)["chunk_digest"].values, np.zeros(3, np.uint64))
+
+    _filled(tmp_path / "b.zarr")
+    shutil.rmtree(tmp_path / "b.zarr" / "chunk_done")
+    st._consolidate(tmp_path / "b.zarr")
+    rep = verify_store(tmp_path / "b.zarr")
+    assert rep.missing == ["chunk_done"] and not rep.ok
+    verify_store(tmp_path / "b.zarr", repair=True)
+    assert ResultsStore(tmp_path / "b.zarr").done().tolist() == [False] * 3
+
+    _filled(tmp_path / "c.zarr")
+    shutil.rmtree(tmp_path / "c.zarr" / "lr")
+    rep = verify_store(tmp_path / "c.zarr", repair=True)
+    assert rep.missing == ["lr"] and any("coordinate lr is missing" in p and "rerun the sweep" in p
+                                         for p in rep.metadata)
+    assert not (tmp_path / "c.zarr" / "lr").exists()  # not recreated as NaN
+    notes = []
+    _, resumed = ResultsStore.prepare(tmp_path / "c.zarr", resolved=CFG, make_template=_template, log=notes.append)
+    assert resumed and any("recreated lr from the template" in n for n in notes)
+    np.testing.assert_allclose(xr.open_zarr(tmp_path / "c.zarr")["lr"].values, np.linspace(0.1, 0.6, 6))
+    assert verify_store(tmp_path / "c.zarr").ok
+
+
+def test_sweep_resume_recomputes_a_deleted_variable(tiny, tmp_path):
+    cfg_path, cfg, clean = tiny
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(clean, bad)
+    shutil.rmtree(bad / "loss")
+    st._consolidate(bad)
+    notes = []
+    res = sw.run_sweep(cfg, bad, progress=False, log=notes.append)
+    assert (res.computed, res.skipped) == (2, 0), notes
+    _same_values(bad, clean)
+
+
+# ----------------------------------------------------------------------------- one writer at a time
+_HOLDER = """\
+import sys, time
+from pathlib import Path
+import sims.store as st
+lock = st._acquire_lock(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold_lock(path):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    path = tmp_path / "r.zarr"
+    _filled(path)
+    holder = _hold_lock(path)
+    host = st.socket.gethostname()
+    try:
+        who = f"{holder.pid}@{host}"
+        for call in (lambda: ResultsStore.prepare(path, resolved=CFG, make_template=_template),
+                     lambda: verify_store(path, repair=True),
+                     lambda: ResultsStore.prepare(tmp_path / "r.zarr", resolved={**CFG, "seeds": 3},
+                                                  make_template=_template, overwrite=True)):
+            with pytest.raises(UsageError, match=rf"being written by another dpo-sims process \({who} since"):
+                call()
+        assert verify_store(path).ok  # reading needs no lock
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("[base]\nsteps = 2\nn = 8\nn_eval = 8\nd = 2\n")
+        err = _one_line_error(capsys, ["sweep", str(cfg), "--out", str(path), "--no-progress"])
+        assert who in err and "wait for it to finish" in err
+        # a fresh store being created is locked too (the lock file lies next to the store)
+        fresh = tmp_path / "new.zarr"
+        other = _hold_lock(fresh)
+        try:
+            with pytest.raises(UsageError, match=f"{other.pid}@{host}"):
+                ResultsStore.prepare(fresh, resolved=CFG, make_template=_template)
+            assert not fresh.exists()
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        holder.kill()  # a kill -9: the kernel drops the flock, the file still names the dead process
+        holder.wait()
+    assert f"{holder.pid}@{host}" in (tmp_path / ".r.zarr.lock").read_text()
+    notes = []
+    store, resumed = ResultsStore.prepare(path, resolved=CFG, make_template=_template, log=notes.append)
+    assert resumed and any(f"took over the writer's lock of {holder.pid}@{host}" in n for n in notes)
+    assert (tmp_path / ".r.zarr.lock").read_text().startswith(f"{os.getpid()}@{host} since ")
+    store.close()
+    assert not (tmp_path / ".r.zarr.lock").exists()  # released: removed
+
+
+def test_without_flock_the_lock_file_alone_decides(tmp_path, monkeypatch):
+    """On a filesystem without flock (ENOLCK): a live PID of this host in the file refuses, a dead one is
+    taken over."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    path = tmp_path / "r.zarr"
+    host = st.socket.gethostname()
+    (tmp_path / ".r.zarr.lock").write_text(f"{os.getppid()}@{host} since then (dpo-sims sweep)\n")
+    with pytest.raises(UsageError, match=f"{os.getppid()}@{host}"):
+        ResultsStore.prepare(path, resolved=CFG, make_template=_template)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".r.zarr.lock").write_text(f"{dead.pid}@{host} since then (dpo-sims sweep)\n")
+    store, _ = ResultsStore.prepare(path, resolved=CFG, make_template=_template)
+    store.close()

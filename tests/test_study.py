@@ -12,8 +12,8 @@ import pytest
 import dynamics as dd
 from sims.cli import main
 from sims.study import (
-    _stack, _two_behaviours, behavior_margin, equal_rate_weights, ipo_time_to_learn, reweightings, run_study,
-    study_config, time_to_learn,
+    SWEEP_STUDIES, _stack, _two_behaviours, behavior_margin, equal_rate_weights, ipo_time_to_learn, reweightings,
+    run_study, study_config, time_to_learn,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -153,7 +153,121 @@ def test_study_q1_quick_runs_and_writes_files(tmp_path, capsys):
     np.testing.assert_allclose(saved["losses"]["ipo"]["ratio_population"], saved["ipo_closed_form_ratio"], rtol=0.02)
     assert saved["gap_sign"]["agree"] == saved["gap_sign"]["pairs"]
     assert "Command: `dpo-sims study Q1 --quick" in (tmp_path / "Q1.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(f"Q1_{loss}.zarr" for loss in cfg["losses"])
     assert res["quick"] is True
+
+
+# ----------------------------------------------------------------------------- studies as built-in sweep configs
+@pytest.mark.parametrize("quick", [False, True])
+def test_study_sweep_configs_parse_and_build_the_study_geometry(quick):
+    """Q1's built-in sweep builds two orthogonal balanced behaviours, m_0 = Δ_w/2 e₁, m_1 = Δ_s/2 e₂ (closed form)."""
+    from sims.study import _grid_distributions, _sweep_config
+
+    for name in SWEEP_STUDIES:
+        cfg = study_config(name, quick=quick)
+        scfg = _sweep_config(name, cfg["sweep"], quick=quick)
+        assert scfg.base["record_head"] is True and scfg.seeds == cfg["seeds"]
+    cfg = study_config("Q1", quick=quick)
+    scfg = _sweep_config("Q1", cfg["sweep"], quick=quick)
+    assert scfg.axes == ("label_noise", "distinguishability_1")
+    m = np.asarray(_grid_distributions(scfg).behavior_mean, np.float64)  # (G, K, d), grid in C order
+    grid = [(s, r) for r in cfg["label_noise"] for s in cfg["distinguishability_strong"]]
+    expected = np.zeros((len(grid), 2, cfg["d"]))
+    expected[:, 0, 0] = cfg["distinguishability_weak"] / 2
+    expected[:, 1, 1] = [s / 2 for s, _ in grid]
+    np.testing.assert_allclose(m, expected, atol=1e-6)
+    assert study_config("Q2")["weightings"][0] == "uniform"  # the embedded ones still load
+
+
+def test_record_head_stores_the_ipo_closed_form_head(tmp_path):
+    """``record_head``: the stored population head is IPO's closed-form GD path, NaN past each d.
+
+    One balanced behaviour, μ± = ±Δ/2 e₁, Σ = σ²I: m = E[s x] = Δ/2 e₁ and H = E[zzᵀ] = σ²I + m mᵀ, so
+    population IPO GD from 0 gives δ_t = (1 − (1 − 4ηh)^t) ‖m‖/(2βh) e₁ with h = σ² + Δ²/4
+    (docs/theory.md §1.3, §3.1; as :func:`sims.study.ipo_time_to_learn`).
+    """
+    from sims.store import open_results
+    from sims.sweep import parse_config, run_sweep
+
+    beta, lr, steps, sigma = 1.0, 0.02, 30, 0.8
+    cfg = parse_config({"seeds": 2, "base": {"loss": "ipo", "beta": beta, "lr": lr, "steps": steps, "record_every": 3,
+                                            "n": 64, "n_eval": 64, "sigma": sigma, "record_head": True},
+                        "grid": {"d": [2, 3], "distinguishability": [1.0, 2.0]}}, source="<test>")
+    run_sweep(cfg, tmp_path / "s.zarr", progress=False, log=lambda m: None)
+    ds = open_results(tmp_path / "s.zarr").load()
+    assert ds["population_delta"].dims == ("d", "distinguishability", "step", "dim")
+    assert ds["delta"].dims == ("d", "distinguishability", "seed", "step", "dim") and ds.sizes["dim"] == 3
+    t = ds["step"].values
+    for dl in (1.0, 2.0):
+        h = sigma**2 + dl**2 / 4
+        closed = (1 - (1 - 4 * lr * h) ** t) * (dl / 2) / (2 * beta * h)
+        for d in (2, 3):
+            pop = ds["population_delta"].sel(d=d, distinguishability=dl).values
+            np.testing.assert_allclose(pop[:, 0], closed, rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(pop[:, 1:d], 0.0, atol=1e-7)
+            emp = ds["delta"].sel(d=d, distinguishability=dl).values  # (S, T, dim)
+            assert np.all(emp[:, 0, :d] == 0.0) and np.all(np.isfinite(emp[..., :d]))
+            assert np.all(np.isnan(pop[:, d:])) and np.all(np.isnan(emp[..., d:]))
+            # the finite-sample head is near the population one (n = 64: within a stated 40%)
+            assert np.all(np.abs(emp[:, -1, 0] - closed[-1]) < 0.4 * closed[-1])
+
+
+def _tiny_study(name, sweep_over: dict, **flat):
+    """A study's config shrunk for a test: ``sweep_over`` merged into its sweep part, ``flat`` into the settings."""
+    from sims.study import _merge
+
+    cfg = study_config(name, quick=True)
+    cfg["sweep"] = _merge(cfg["sweep"], sweep_over)
+    cfg.update(flat)
+    return cfg
+
+
+@pytest.mark.slow
+def test_study_q3_from_its_sweep_store(tmp_path):
+    """Q3 from the stored heads: the population accuracy is the Bayes accuracy Φ(Δ/2σ) (closed form) and the
+    exact held-out accuracy of the trained heads agrees with the Monte Carlo held-out accuracy (4.5 SE)."""
+    from scipy.stats import norm
+
+    from sims.study import run_q3
+
+    dims, ns = [2, 4], [16, 256]
+    cfg = _tiny_study("Q3", {"seeds": 2, "base": {"steps": 40, "n_eval": 4096},
+                             "grid": {"distinguishability": [1.0], "d": dims, "n": ns}},
+                      distinguishability=[1.0], dims=dims, d_max=4, n=ns, steps=40, seeds=2, n_eval=4096)
+    res = run_q3(cfg, tmp_path, log=lambda m: None)
+    assert (tmp_path / "store" / "Q3.zarr").is_dir() and (tmp_path / "Q3.png").is_file()
+    assert [(r["n"], r["d"]) for r in res["rows"]] == [(n, d) for n in ns for d in dims]
+    for r in res["rows"]:
+        assert r["population_accuracy"] == pytest.approx(norm.cdf(0.5), abs=2e-6)
+        assert r["heldout_accuracy"] <= r["bayes_accuracy"] + 1e-6
+        se = math.sqrt(r["heldout_accuracy"] * (1 - r["heldout_accuracy"]) / (4096 * 2))
+        assert abs(r["heldout_accuracy_mc"] - r["heldout_accuracy"]) < 4.5 * se
+        assert 0.0 <= r["train_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_study_q5_from_its_sweep_stores(tmp_path):
+    """Q5 from one sweep per family: the mixture's static accuracy at e₁ is its closed form
+    ½Φ((Δ/2 + a)/√(1 − a²)) + ½Φ((Δ/2 − a)/√(1 − a²)) (σ = 1), its moments match the Gaussian's,
+    and every family's prediction is the Gaussian sweep's population loss."""
+    from scipy.stats import norm
+
+    from sims.study import run_q5
+
+    cfg = _tiny_study("Q5", {"seeds": 1, "base": {"steps": 20, "n_eval": 1024}, "grid": {"n": [256], "d": [3]}},
+                      dims=[3], d_max=3, n=[256], nu=[5.0], steps=20, seeds=1, n_eval=1024, static_samples=20000)
+    res = run_q5(cfg, tmp_path, log=lambda m: None)
+    for fam in ("gaussian", "laplace", "student_t", "mixture"):
+        assert (tmp_path / "store" / f"Q5_{fam}.zarr").is_dir()
+    a, half = cfg["mixture_spread"], cfg["distinguishability"] / 2
+    s = math.sqrt(1 - a**2)
+    assert res["static_accuracy"]["family"]["mixture"] == pytest.approx(
+        0.5 * norm.cdf((half + a) / s) + 0.5 * norm.cdf((half - a) / s), abs=1e-5)
+    assert res["static_accuracy"]["gaussian_formula"] == pytest.approx(norm.cdf(half), abs=1e-12)
+    assert res["mixture_equivalent_cov_max_abs_error"] < 1e-5
+    assert [r["family"] for r in res["rows"]] == ["gaussian", "laplace", "student_t", "mixture"]
+    assert len({r["final_loss_predicted"] for r in res["rows"]}) == 1 and res["rows"][0]["loss_gap_excess"] == 0.0
+    assert math.log(2) - 0.3 < res["prediction_loss"][0][-1] < math.log(2)  # the loss falls from log 2
 
 
 def test_study_bad_name_exits_2(capsys):

@@ -118,7 +118,9 @@ BAD = [
     ("[grid]\nmode = [\"both\"]\n", "grid.mode: mode cannot be swept"),
     ("[base]\ndistinguishability = [1.0, 1.0, 1.0]\nangle = 150.0\n", "base.angle: angle = 150.0° between every pair of K = 3 directions is impossible"),
     ("[base]\nmethod = \"flow\"\noptimizer = \"adam\"\n", "base.method: method = \"flow\" is plain gradient flow"),
-    ("[base]\neps = 0.1\n", "base.eps: eps is label smoothing for loss = cdpo or robust"),
+    ("[base]\nlabel_smoothing = 0.1\n", "base.label_smoothing: label_smoothing applies to loss = cdpo or robust only"),
+    ("[base]\neps = 0.1\n", "base.eps: eps was renamed; use label_smoothing instead"),
+    ("[grid]\neps = [0.0, 0.1]\n", "grid.eps: eps was renamed; use label_smoothing instead"),
     ("[base]\ndistribution = \"file\"\npath = \"nope.npz\"\n", "base.path: "),
     ("[base]\nd = 4\n[grid\n", "not valid TOML"),
     ("[base]\nn = 1000000000\nd = 4096\n", "one configuration needs about"),
@@ -444,10 +446,89 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, capsys):
 def test_memory_check_and_chunk_size_limits(tmp_path):
     cfg = sw.parse_config({"seeds": 4, "base": {"n": 10_000, "d": 64}, "grid": {"lr": [0.1, 0.2, 0.3]}})
     per = sw.plan_sweep(cfg, memory=1 << 40).bytes_per_config
-    # the estimate scales with seeds × (n + n_eval) × d
-    assert per > 4 * (10_000 + 2048) * 64 * 4
+    # dynamics.chunking's model of the factored engines, float32: the empirical kernel holds
+    # 12 + 2·(1 + 2·2) = 22 numbers per pair (n + n_eval of them), the distribution 2(d + d²), the
+    # head 4d and 4 seeds × 101 records × (2·12 + 2 + d) metrics; the population kernel 2
+    # components × (d + d) × 4, 1344 quadrature nodes × 2 components × 8 and 101 × (d + 6 + 3)
+    emp = 4 * ((10_000 + 2048) * 22 + 2 * (64 + 64 * 64) + 4 * 64 + 4 * 101 * (2 * 12 + 2 + 64))
+    pop = 4 * (2 * (64 + 64) * 4 + 1344 * 2 * 8 + 101 * (64 + 6 + 3))
+    assert per == emp + pop == 1_359_572
     with pytest.raises(UsageError, match="one configuration needs about"):
         sw.plan_sweep(cfg, memory=per - 1)
     with pytest.raises(UsageError, match=r"--chunk-size 3 needs .* pass --chunk-size <= 2"):
         sw.plan_sweep(cfg, chunk_size=3, memory=int(2.5 * per))
     assert sw.plan_sweep(cfg, memory=int(4.5 * per)).block == (2,)  # automatic: half the memory
+
+
+# ----------------------------------------------------------------------------- the package's schema, --help, progress
+def test_schema_name_tuples_equal_the_registries():
+    """The JAX-free schema keeps the loss, optimizer and compile-mode names as tuples: they must be
+    the registries' (a loss added to dynamics.LOSSES without updating LOSS_NAMES fails here)."""
+    from dynamics import chunking
+    from dynamics._train import OPTIMIZERS
+
+    assert sw.LOSS_NAMES == tuple(dd.LOSSES)
+    assert sw.OPTIMIZER_NAMES == tuple(OPTIMIZERS) and sw.FIELDS["optimizer"].choices == tuple(OPTIMIZERS)
+    assert sw.COMPILE_MODES == chunking.COMPILE_MODES
+    cfg = sw.parse_config({"base": {"loss": "ipo"}})  # parsing syncs the field with the registry
+    assert cfg.base["loss"] == "ipo" and sw.FIELDS["loss"].choices == tuple(dd.LOSSES)
+    # every name the package re-exports lazily lives in the submodule it names
+    for name, module in sw._LAZY.items():
+        assert getattr(sw, name) is getattr(getattr(sw, module), name), name
+    assert all(hasattr(sw, name) for name in sw.__all__)
+
+
+@pytest.mark.parametrize("command, expect", [("sweep", "label_smoothing"), ("validate", "--claims")])
+def test_help_imports_no_jax(command, expect):
+    code = textwrap.dedent(f"""
+        import sys
+        from sims.cli import main
+        try:
+            main([{command!r}, "--help"])
+        except SystemExit:
+            pass
+        print("JAX-IMPORTED" if "jax" in sys.modules else "JAX-FREE")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO).stdout
+    assert expect in out
+    assert out.strip().splitlines()[-1] == "JAX-FREE"
+
+
+def test_add_arguments_parses_checks_and_overrides_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="t", exit_on_error=False)
+    fields = {k: sw.FIELDS[k] for k in ("beta", "label_smoothing", "distinguishability", "flip_labels", "loss", "steps")}
+    sw.add_arguments(parser, fields, defaults={"beta": 0.25})
+    args = parser.parse_args(["--label-smoothing", "0.1", "--distinguishability", "1", "2.5", "--flip-labels",
+                              "--loss", "ipo", "--steps", "7"])
+    assert (args.beta, args.label_smoothing, args.distinguishability, args.flip_labels, args.loss, args.steps) == \
+        (0.25, 0.1, [1.0, 2.5], True, "ipo", 7)
+    assert parser.parse_args([]).beta == 0.25 and parser.parse_args([]).steps == 100
+    with pytest.raises(argparse.ArgumentError, match=r"--label-smoothing.*pass a value in \[0, 0.5\)"):
+        parser.parse_args(["--label-smoothing", "0.5"])
+    with pytest.raises(argparse.ArgumentError, match="expected an integer"):
+        parser.parse_args(["--steps", "1.5"])
+    with pytest.raises(ValueError, match="name no field"):
+        sw.add_arguments(argparse.ArgumentParser(), fields, defaults={"bogus": 1})
+
+
+def test_progress_within_a_chunk_reports_every_step_share(tmp_path, monkeypatch):
+    """A one-chunk sweep reports its loops' steps: every `steps // 20`-th step of the population
+    run and of each seed's empirical run (3 runs × 20 reports), and the bar reaches 100 %."""
+    import sims.sweep.run as sweep_run
+
+    seen = []
+
+    class Recorder(sweep_run._ChunkTicks):
+        def __call__(self, step):
+            seen.append(step)
+            super().__call__(step)
+
+    monkeypatch.setattr(sweep_run, "_ChunkTicks", Recorder)
+    cfg = sw.parse_config({"seeds": 2, "base": {"mode": "both", "n": 16, "n_eval": 16, "d": 2, "steps": 40,
+                                                "record_every": 20}, "grid": {"lr": [0.1, 0.2]}})
+    res = sw.run_sweep(cfg, tmp_path / "p.zarr", progress=True, step_progress=True, log=lambda msg: None,
+                       compile_mode="fast")
+    assert res.n_chunks == 1
+    assert sorted(seen) == sorted(list(range(2, 41, 2)) * 3)

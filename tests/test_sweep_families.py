@@ -87,6 +87,7 @@ CUSTOM = """
 """
 
 
+@pytest.mark.slow
 def test_custom_family_is_vmapped_through_a_sweep(tmp_path):
     """A user-defined family: its parameter is a grid axis, vmapped; each stored run equals a direct call."""
     cfg, ds = _run(tmp_path, CUSTOM)
@@ -486,11 +487,11 @@ def test_head_offset_needs_a_preference_direction(tmp_path, text, where):
                                   "aligned_head_norm = 0.5\n"))
 
 
-def test_eps_applies_to_the_smoothed_losses_only(tmp_path):
+def test_label_smoothing_applies_to_the_smoothed_losses_only(tmp_path):
     cfg, ds = _run(tmp_path, """
         [base]
         mode = "population"
-        eps = 0.2
+        label_smoothing = 0.2
         distinguishability = 1.5
         d = 2
         steps = 10
@@ -498,6 +499,6 @@ def test_eps_applies_to_the_smoothed_losses_only(tmp_path):
         loss = ["sigmoid", "cdpo"]
     """)
     g = dd.GaussianPreference.single(1.5, 2)
-    for i, (loss, eps) in enumerate([("sigmoid", 0.0), ("cdpo", 0.2)]):
-        want = dd.population_trajectory(g, beta=1.0, lr=0.1, steps=10, loss=loss, eps=eps).metrics["loss"]
+    for i, (loss, label_smoothing) in enumerate([("sigmoid", 0.0), ("cdpo", 0.2)]):
+        want = dd.population_trajectory(g, beta=1.0, lr=0.1, steps=10, loss=loss, label_smoothing=label_smoothing).metrics["loss"]
         np.testing.assert_allclose(ds["population_loss"].values[i], want, rtol=1e-5)

@@ -61,15 +61,15 @@ def np_mean_cov(pr):
     return mbar, cov
 
 
-def np_loss(loss, h, beta, eps):
+def np_loss(loss, h, beta, label_smoothing):
     """ℓ(h) from docs/theory.md §1.3, written out independently in float64 NumPy."""
     logsig = lambda x: -np.logaddexp(0.0, -x)
     if loss == "sigmoid":
         return -logsig(beta * h)
     if loss == "cdpo":
-        return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)
+        return -(1 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
     if loss == "robust":
-        return (-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
+        return (-(1 - label_smoothing) * logsig(beta * h) + label_smoothing * logsig(-beta * h)) / (1 - 2 * label_smoothing)
     if loss == "hinge":
         return np.maximum(0.0, 1 - beta * h)
     return (h - 1 / (2 * beta)) ** 2
@@ -85,24 +85,24 @@ def np_gaussian_accuracy(pr, u):
 # --------------------------------------------------------------- loss facts
 @pytest.mark.parametrize("loss", dd.LOSSES)
 def test_initial_slope_lipschitz_and_curvature_match_numerical_derivatives(loss):
-    beta, eps = 0.7, (0.2 if loss in ("cdpo", "robust") else 0.0)
+    beta, label_smoothing = 0.7, (0.2 if loss in ("cdpo", "robust") else 0.0)
     h = 1e-5
-    fd = -(np_loss(loss, h, beta, eps) - np_loss(loss, -h, beta, eps)) / (2 * h)
-    closed = {"sigmoid": beta / 2, "cdpo": beta * (1 - 2 * eps) / 2, "robust": beta / (2 * (1 - 2 * eps)),
+    fd = -(np_loss(loss, h, beta, label_smoothing) - np_loss(loss, -h, beta, label_smoothing)) / (2 * h)
+    closed = {"sigmoid": beta / 2, "cdpo": beta * (1 - 2 * label_smoothing) / 2, "robust": beta / (2 * (1 - 2 * label_smoothing)),
               "hinge": beta, "ipo": 1 / beta}[loss]
-    assert float(th.initial_loss_slope(loss, beta, eps)) == pytest.approx(closed, rel=1e-6)
+    assert float(th.initial_loss_slope(loss, beta, label_smoothing)) == pytest.approx(closed, rel=1e-6)
     assert fd == pytest.approx(closed, rel=1e-6)
 
     grid = np.linspace(-60 / beta, 60 / beta, 400_001)
-    vals = np_loss(loss, grid, beta, eps)
+    vals = np_loss(loss, grid, beta, label_smoothing)
     deriv = np.diff(vals) / np.diff(grid)
-    lip = float(th.loss_lipschitz(loss, beta, eps))
+    lip = float(th.loss_lipschitz(loss, beta, label_smoothing))
     if loss == "ipo":
         assert np.isinf(lip)
     else:
         assert np.max(np.abs(deriv)) <= lip * (1 + 1e-6)
         assert np.max(np.abs(deriv)) >= lip * (1 - 1e-3)  # attained in the limit: the bound is tight
-    curv = float(th.loss_curvature_bound(loss, beta, eps))
+    curv = float(th.loss_curvature_bound(loss, beta, label_smoothing))
     second = np.diff(deriv) / np.diff(grid)[1:]
     if loss == "hinge":
         assert np.isinf(curv)
@@ -116,7 +116,7 @@ def test_loss_arguments_are_validated():
         th.initial_loss_slope("dpo", 1.0)
     with pytest.raises(ValueError, match="beta"):
         th.loss_lipschitz("sigmoid", 0.0)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="label_smoothing"):
         th.loss_lipschitz("robust", 1.0, 0.5)
     with pytest.raises(ValueError, match="no effect"):
         th.initial_loss_slope("sigmoid", 1.0, 0.1)
@@ -140,21 +140,21 @@ def test_c1_first_population_step_is_exact(x64, rng, loss):
     cases = [make_dist(rng, 3, 4, kind=kind) for kind in ("iso", "diag", "full")]
     dists = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[c[0] for c in cases])
     betas, lrs = rng.uniform(0.2, 2.0, 3), rng.uniform(0.01, 0.2, 3)
-    eps = 0.15 if loss in ("cdpo", "robust") else 0.0
-    trajs = jax.vmap(lambda dist, b, l: dd.population_trajectory(dist, beta=b, lr=l, steps=1, loss=loss, eps=eps))(
+    label_smoothing = 0.15 if loss in ("cdpo", "robust") else 0.0
+    trajs = jax.vmap(lambda dist, b, l: dd.population_trajectory(dist, beta=b, lr=l, steps=1, loss=loss, label_smoothing=label_smoothing))(
         dists, jnp.asarray(betas), jnp.asarray(lrs))
     for i, ((dist, pr), beta, lr) in enumerate(zip(cases, betas, lrs)):
         traj = jax.tree_util.tree_map(lambda a: a[i], trajs)
         mbar, cov = np_mean_cov(pr)
-        slope = float(th.initial_loss_slope(loss, beta, eps))
-        fs = th.c1_first_step(dist, beta=beta, lr=lr, loss=loss, eps=eps)
+        slope = float(th.initial_loss_slope(loss, beta, label_smoothing))
+        fs = th.c1_first_step(dist, beta=beta, lr=lr, loss=loss, label_smoothing=label_smoothing)
         np.testing.assert_allclose(np.asarray(fs.delta), 2 * lr * slope * mbar, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(np.asarray(traj.delta[1]), np.asarray(fs.delta), rtol=1e-10, atol=1e-13)
         assert float(traj.metrics["weight_change"][1]) == pytest.approx(SQRT2 * lr * slope * np.linalg.norm(mbar),
                                                                          rel=1e-10)
         # loss sandwich: first order ≤ L(δ_1) ≤ upper; ipo is exactly quadratic
         l1 = float(traj.metrics["loss"][1])
-        first = np_loss(loss, 0.0, beta, eps) - 2 * lr * slope**2 * mbar @ mbar
+        first = np_loss(loss, 0.0, beta, label_smoothing) - 2 * lr * slope**2 * mbar @ mbar
         assert float(fs.loss_first_order) == pytest.approx(first, rel=1e-12)
         assert l1 >= first - 1e-12
         assert l1 <= float(fs.loss_upper) + 1e-12
@@ -247,10 +247,10 @@ def test_c2_bound_tight_when_margins_are_very_negative(x64):
 def test_c2_bound_never_violated_on_random_runs(rng):
     """Minibatch SGD, DPO; the other losses are checked by `dpo-sims validate`."""
     dist, _ = make_dist(rng, 2, 4)
-    loss, eps = "sigmoid", 0.0
+    loss, label_smoothing = "sigmoid", 0.0
 
     def run(key, beta, lr):
-        tr = dd.empirical_trajectory(dist, key, n=64, beta=beta, lr=lr, steps=15, loss=loss, eps=eps,
+        tr = dd.empirical_trajectory(dist, key, n=64, beta=beta, lr=lr, steps=15, loss=loss, label_smoothing=label_smoothing,
                                      batch_size=16, n_eval=4)
         return tr.train["weight_change"], tr.cum_batch_mean_norm
 
@@ -258,7 +258,7 @@ def test_c2_bound_never_violated_on_random_runs(rng):
     betas = jnp.asarray(rng.uniform(0.3, 3.0, 8))
     lrs = jnp.asarray(rng.uniform(0.05, 1.0, 8))
     wc, cum = jax.vmap(run)(keys, betas, lrs)
-    bound = th.c2_weight_change_bound(cum, beta=betas[:, None], lr=lrs[:, None], loss=loss, eps=eps)
+    bound = th.c2_weight_change_bound(cum, beta=betas[:, None], lr=lrs[:, None], loss=loss, label_smoothing=label_smoothing)
     assert np.all(np.asarray(wc) <= np.asarray(bound) * (1 + 1e-5) + 1e-7)
     assert np.max(np.asarray(wc)[:, 1:] / np.asarray(bound)[:, 1:]) > 0.05  # a bound, not a vacuous number
 
@@ -308,17 +308,17 @@ def test_c3_isotropic_closed_form():
 def test_c4_rates_match_gradient_flow_finite_difference(x64, rng, loss):
     """dL_k/dτ at τ = 0 from the population gradient flow (second-order one-sided difference)."""
     dist, pr = make_dist(rng, 3, 4)
-    beta, eps, tau = 0.9, (0.1 if loss == "cdpo" else 0.0), 1e-4
-    tr = dd.population_trajectory(dist, beta=beta, lr=tau, steps=2, loss=loss, eps=eps, method="flow")
+    beta, label_smoothing, tau = 0.9, (0.1 if loss == "cdpo" else 0.0), 1e-4
+    tr = dd.population_trajectory(dist, beta=beta, lr=tau, steps=2, loss=loss, label_smoothing=label_smoothing, method="flow")
     bl = np.asarray(tr.metrics["behavior_loss"])
     fd = (4 * bl[1] - bl[2] - 3 * bl[0]) / (2 * tau)
-    rates = np.asarray(th.c4_initial_loss_rates(dist, beta=beta, loss=loss, eps=eps))
+    rates = np.asarray(th.c4_initial_loss_rates(dist, beta=beta, loss=loss, label_smoothing=label_smoothing))
     np.testing.assert_allclose(rates, fd, rtol=1e-5, atol=1e-7)
     # and against the closed form from the raw parameters
     pi, m, _, beh = np_components(pr)
     mbar = pi @ m
     mk = np.stack([(pi[beh == j] @ m[beh == j]) / pr["w"][j] for j in range(3)])
-    slope = float(th.initial_loss_slope(loss, beta, eps))
+    slope = float(th.initial_loss_slope(loss, beta, label_smoothing))
     np.testing.assert_allclose(rates, -2 * slope**2 * mk @ mbar, rtol=1e-10)
 
 
@@ -415,6 +415,7 @@ def test_c5_misalignment_loss_falls_faster_with_kappa(x64):
 
 
 # --------------------------------------------------------- the CLI (quick plan)
+@pytest.mark.slow
 def test_validate_quick_cli_passes_and_writes_report(tmp_path):
     from sims.cli import main
 
@@ -472,7 +473,7 @@ def test_validation_gates_fail_on_wrong_results():
     bound = np.sqrt(2) * 0.1 * cum
     for scale, expect in ((0.9, True), (1.01, False)):
         emp = {n: {"cum": cum, "weight_change": scale * bound} for n in plan.n_grid}
-        rec = [{"group": group, "beta": beta, "lr": lr, "eps": np.zeros(4), "emp": emp}]
+        rec = [{"group": group, "beta": beta, "lr": lr, "label_smoothing": np.zeros(4), "emp": emp}]
         (row,), _ = v.check_c2(rec, plan)
         assert row.passed is expect
 
@@ -499,9 +500,9 @@ def test_random_configurations_are_valid_and_varied():
     from sims import validate as v
 
     # shapes of the quick plan (8 configurations of K = 2, d = 24, robust): the compiled generator is shared
-    dists, beta, lr, eps = v.random_configs(jax.random.key(3), 8, 2, 24, "robust")
+    dists, beta, lr, label_smoothing = v.random_configs(jax.random.key(3), 8, 2, 24, "robust")
     dists.validate()
-    assert np.all(np.asarray(eps) <= 0.3) and np.any(np.asarray(eps) > 0)
+    assert np.all(np.asarray(label_smoothing) <= 0.3) and np.any(np.asarray(label_smoothing) > 0)
     assert np.all((np.asarray(beta) >= 0.1) & (np.asarray(beta) <= 3.0))
     off = np.abs(np.asarray(dists.cov_pos) * (1 - np.eye(24))).max(axis=(-1, -2, -3))
     diag_var = np.asarray(jnp.diagonal(dists.cov_pos, axis1=-2, axis2=-1)).std(axis=-1).max(axis=-1)

@@ -152,3 +152,98 @@ def test_from_angles_equals_sweep_basis_and_adam_runs_agree():
     np.testing.assert_allclose(np.asarray(runs[0]), np.asarray(runs[1]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         dd.GaussianPreference.from_angles(delta, 1.0, angles_deg=60.0, d=3)
+
+
+# ------------------------------------------------------------------ fast value checks (they kill the mutants of
+# transforms.py that the trajectory tests above would also kill, in milliseconds; see the mutation run)
+def test_flip_labels_swaps_classes_and_p_field_by_field(x64):
+    mp, mn, cp, cn, p, w = _asymmetric()
+    fd = dd.GaussianPreference.create(mp, mn, cp, cn, p, w)
+    for flag in (True, np.bool_(True), jnp.asarray(True)):
+        out = tf.flip_labels(fd, flag)
+        for got, want in ((out.mu_pos, mn), (out.mu_neg, mp), (out.cov_pos, cn), (out.cov_neg, cp),
+                          (out.p_pos, 1 - p), (out.weight, w)):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-15)
+    for flag in (True, False):  # a traced flag under jit (jnp.where), a Python one inside jit (static)
+        traced = jax.jit(lambda dist, f: tf.flip_labels(dist, f))(fd, flag)
+        static = jax.jit(lambda dist: tf.flip_labels(dist, flag))(fd)
+        want = (mn, mp, cn, cp, 1 - p) if flag else (mp, mn, cp, cn, p)
+        for out in (traced, static, tf.flip_labels(fd, jnp.asarray(flag))):
+            for name, w_ in zip(("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos"), want):
+                np.testing.assert_allclose(np.asarray(getattr(out, name)), w_, atol=1e-15, err_msg=name)
+    twice = tf.flip_labels(tf.flip_labels(fd), jnp.asarray(True))
+    np.testing.assert_allclose(np.asarray(twice.p_pos), p, atol=1e-15)
+    np.testing.assert_array_equal(np.asarray(twice.mu_pos), mp)
+
+
+def test_scale_separation_keeps_everything_but_the_means(x64):
+    mp, mn, cp, cn, p, w = _asymmetric()
+    fd = dd.GaussianPreference.create(mp, mn, cp, cn, p, w)
+    out = jax.jit(lambda dist, k: tf.scale_separation(dist, k))(fd, 0.25)  # a traced κ
+    np.testing.assert_allclose(np.asarray(out.mu_pos), (mp + mn) / 2 + 0.25 * (mp - mn) / 2, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(out.mu_neg), (mp + mn) / 2 - 0.25 * (mp - mn) / 2, rtol=1e-12)
+    for got, want in ((out.cov_pos, cp), (out.cov_neg, cn), (out.p_pos, p), (out.weight, w)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="kappa must be > 0"):
+        tf.scale_separation(fd, -1.0)
+
+
+def test_angle_cosines_at_the_ends_and_the_diagonal(x64):
+    np.testing.assert_array_equal(np.asarray(tf.angle_cosines(0.0, 3, unit="degrees")), np.ones((3, 3)))
+    np.testing.assert_array_equal(np.asarray(tf.angle_cosines(180.0, 2, unit="degrees")), [[1.0, -1.0], [-1.0, 1.0]])
+    np.testing.assert_array_equal(np.asarray(tf.angle_cosines(math.pi, 2, unit="radians")), [[1.0, -1.0], [-1.0, 1.0]])
+    ang = np.array([[30.0, 120.0], [120.0, 45.0]])  # a diagonal that is not 0: ignored, the diagonal is 1
+    np.testing.assert_allclose(np.asarray(tf.angle_cosines(ang, 2, unit="degrees")), [[1.0, -0.5], [-0.5, 1.0]],
+                               rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(tf.angle_cosines(1.0, 2, unit="radians"))[0, 1], math.cos(1.0), rtol=1e-14)
+    with pytest.raises(ValueError, match=r"angles has shape \(3,\); expected a scalar or \(K, K\) = \(2, 2\)"):
+        tf.angle_cosines(np.array([1.0, 2.0, 3.0]), 2, unit="degrees")
+
+
+def test_check_angles_boundaries():
+    for ok, unit in ((0.0, "degrees"), (180.0, "degrees"), (math.pi, "radians"), (0.0, "radians")):
+        tf.check_angles("a", ok, unit)
+    tf.check_angles("a", np.array([[400.0, 90.0], [90.0, -3.0]]), "degrees")  # the diagonal is ignored
+    for bad, unit in ((180.0 * (1 + 1e-9), "degrees"), (-1e-9, "degrees"), (math.pi * (1 + 1e-9), "radians")):
+        with pytest.raises(ValueError, match="is outside"):
+            tf.check_angles("a", bad, unit)
+    with pytest.raises(ValueError, match="is outside"):
+        tf.check_angles("a", np.array([[0.0, 190.0], [190.0, 0.0]]), "degrees")
+    with pytest.raises(ValueError, match=r"a=190 is outside \[0, 180\]; it is in degrees"):
+        tf.check_angles("a", np.array([10.0, 190.0]), "degrees")  # not square: every entry counts
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        tf.check_angles("a", np.nan, "degrees")
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        tf.check_angles("a", np.array([10.0, np.nan]), "degrees")  # one non-finite entry is enough
+    with pytest.raises(ValueError, match="a=190 is outside"):  # 2-D but not square: no diagonal to drop
+        tf.check_angles("a", np.array([[10.0, 190.0, 5.0], [1.0, 2.0, 3.0]]), "degrees")
+    tf.check_angles("a", 180.0 * (1 + 1e-12), "degrees")  # the stated tolerance: up to 180 (1 + 1e-12)
+    # the message names the first value outside [0, 180 (1 + 1e-12)], not an edge value inside it
+    with pytest.raises(ValueError, match=r"^a=190 is outside"):
+        tf.check_angles("a", np.array([0.0, 0.5, 180.0, 180.0 * (1 + 1e-12), 190.0]), "degrees")
+
+
+def test_cholesky_psd_vs_numpy_and_on_a_singular_matrix(x64):
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 4))
+    g = a @ a.T + 0.1 * np.eye(4)
+    lower = np.asarray(tf.cholesky_psd(jnp.asarray(g)))
+    np.testing.assert_allclose(lower, np.linalg.cholesky(g), rtol=1e-11, atol=1e-13)
+    sing = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 4.0]])  # rank 2: a zero pivot
+    lower = np.asarray(tf.cholesky_psd(jnp.asarray(sing)))
+    np.testing.assert_allclose(lower, [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0]], atol=1e-15)
+    np.testing.assert_allclose(lower @ lower.T, sing, atol=1e-15)
+    # a pivot that rounding (or a slightly indefinite input) makes <= 0 is clipped: its column below is 0
+    near = np.array([[1.0, 1.0, 0.5], [1.0, 1.0, 0.3], [0.5, 0.3, 1.0]])
+    lower = np.asarray(tf.cholesky_psd(jnp.asarray(near)))
+    assert lower[1, 1] == 0.0 and lower[2, 1] == 0.0
+    np.testing.assert_allclose(lower[:, 0], [1.0, 1.0, 0.5], atol=1e-15)
+    np.testing.assert_allclose(lower[2, 2], math.sqrt(1.0 - 0.25), rtol=1e-14)
+
+
+def test_preference_directions_single_behaviour_and_shapes(x64):
+    np.testing.assert_array_equal(np.asarray(tf.preference_directions(2.5, np.ones((1, 1)), 3)), [[2.5, 0.0, 0.0]])
+    b = np.asarray(tf.preference_directions([3.0, 4.0], np.array([[1.0, 0.6], [0.6, 1.0]]), 2))
+    np.testing.assert_allclose(b, [[3.0, 0.0], [4.0 * 0.6, 4.0 * 0.8]], rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match=r"cosines has shape \(3, 3\); expected \(K, K\) = \(2, 2\)"):
+        tf.preference_directions([1.0, 1.0], np.eye(3), 4)

@@ -35,10 +35,10 @@ def _patched(monkeypatch_ctx, name):
         orig = population.population_gradient
         mp.setattr(population, "population_gradient", lambda *a, **k: 1.01 * orig(*a, **k))
     elif name == "covariance":
-        def no_cov(dist, delta, *, beta, loss="sigmoid", eps=0.0, label_noise=None, loss_weight=None):
+        def no_cov(dist, delta, *, beta, loss="sigmoid", label_smoothing=0.0, label_noise=None, loss_weight=None):
             comps = population.training_components(dist, label_noise, loss_weight)
             mu, sigma = population._margin_moments(comps, delta)
-            _, e_l1, _ = population.expected_loss_terms(loss, mu, sigma, beta, eps)
+            _, e_l1, _ = population.expected_loss_terms(loss, mu, sigma, beta, label_smoothing)
             return (comps.weight * e_l1) @ comps.mean
 
         mp.setattr(population, "population_gradient", no_cov)
