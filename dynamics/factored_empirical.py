@@ -20,6 +20,7 @@ from . import chunking, divergence, reduced
 from ._checks import check_choice, check_int, check_positive, traced_check_hparams
 from ._factored_driver import (_CHUNK_BUDGET, _MAX_AUTO_CHUNK, _common_inputs, _compiled, _head_arrays,
                                _interventions, _per_config, _run_chunks)
+from .empirical import METRICS
 from ._train import check_batch_size, epoch_orders, epoch_orders_fit, make_optimizer, minibatch_index, run_recorded
 from .batch import DRAWS, PreferenceBatch, _components, _typed_key, config_keys
 from .head import Head
@@ -28,11 +29,7 @@ __all__ = ["BATCHED_METRICS", "BatchedEmpiricalTrajectory", "batched_empirical_t
            "auto_chunk_size", "empirical_flops_per_config_step"]
 
 #: per-split metrics of the batched empirical engine (same names and meaning as dynamics.METRICS)
-BATCHED_METRICS = (
-    "loss", "reward_accuracy", "policy_accuracy", "rewards_chosen", "rewards_rejected",
-    "rewards_margin", "logps_chosen", "logps_rejected", "weight_change",
-    "behavior_loss", "behavior_reward_accuracy", "behavior_policy_accuracy",
-)
+BATCHED_METRICS = METRICS  # the core's metric names: one list for both implementations
 
 
 @struct.dataclass

@@ -14,8 +14,6 @@ from scipy.stats import norm
 import dynamics
 import dynamics.losses
 
-pytestmark = pytest.mark.skipif(not hasattr(dynamics.losses, "objective_loss"),
-                                reason="dynamics.losses.objective_loss (engineer objectives) is not available yet")
 
 
 @pytest.fixture(autouse=True)
