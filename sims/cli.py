@@ -61,6 +61,25 @@ class UsageError(Exception):
 
 #: Ctrl-Cs received by the CLI's handler (the first raises KeyboardInterrupt, any later one exits)
 _INTERRUPTS = 0
+#: every Ctrl-C this process's handlers took (never reset; one re-delivered after a swallowed
+#: KeyboardInterrupt counts once): a command that saw one exits 130, even when library code caught
+#: the KeyboardInterrupt it raised (e.g. NumPy's ImportError, caught by an optional import)
+_RECEIVED = 0
+
+
+def note_interrupt() -> int:
+    """Count a Ctrl-C taken by a command's own SIGINT handler (``dpo-sims sweep`` installs one that
+    finishes the running chunk); returns how many this process has taken in all. Only counted when
+    running as the CLI (in-process calls return 0)."""
+    global _RECEIVED
+    if _PROCESS_ENTRY:
+        _RECEIVED += 1
+    return _RECEIVED
+
+
+def interrupts_received() -> int:
+    """How many Ctrl-Cs the CLI's handlers have taken (0 when not running as the CLI)."""
+    return _RECEIVED
 
 
 def second_interrupt(command: str = "") -> None:
@@ -101,9 +120,10 @@ def _on_sigint(signum, frame):
     imports it is only recorded, and raised once they are done), any later one ends the process at once
     (:func:`second_interrupt`). It never changes the installed handler, so no Ctrl-C can arrive while
     none or the wrong one is installed."""
-    global _INTERRUPTS
+    global _INTERRUPTS, _RECEIVED
     _INTERRUPTS += 1
-    if _INTERRUPTS > 1:
+    _RECEIVED += 1
+    if _INTERRUPTS > 1 or _RECEIVED > 1:
         second_interrupt(_current_command)
     if not _DEFER:
         raise KeyboardInterrupt
@@ -142,10 +162,10 @@ def _unraisable(hook_args, _default=sys.unraisablehook):
     """A first Ctrl-C that landed in a callback whose exceptions Python ignores (JAX's gc
     callback): no traceback; deliver it again, so it still stops the command. Nothing here
     allocates a thread or takes a blocking lock, so a second Ctrl-C arriving meanwhile exits."""
-    global _INTERRUPTS
+    global _INTERRUPTS, _RECEIVED
     if isinstance(hook_args.exc_value, KeyboardInterrupt) and _PROCESS_ENTRY:
         if _REDELIVER is not None and _INTERRUPTS == 1:
-            _INTERRUPTS = 0  # the re-delivered one counts as the first again
+            _INTERRUPTS = _RECEIVED = 0  # the re-delivered one counts as the first again
             _REDELIVER.set()
         return
     _default(hook_args)
@@ -185,6 +205,9 @@ def _check_error(exc: BaseException):
 
 
 _current_command = ""
+
+#: subcommands that never import JAX (every other one has it imported up front, Ctrl-C deferred)
+_NO_JAX_COMMANDS = ("verify",)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -236,12 +259,12 @@ def main(argv=None) -> int:
 
     As the process's entry point (``argv`` None) it installs the Ctrl-C handling described above.
     """
-    global _PROCESS_ENTRY, _current_command, _INTERRUPTS, _DEFER
+    global _PROCESS_ENTRY, _current_command, _INTERRUPTS, _RECEIVED, _DEFER
     entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
     if entry and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        _PROCESS_ENTRY, _current_command, _INTERRUPTS = True, command, 0
+        _PROCESS_ENTRY, _current_command, _INTERRUPTS, _RECEIVED = True, command, 0, 0
         signal.signal(signal.SIGINT, _on_sigint)
         _start_redeliverer()
         sys.unraisablehook = _unraisable
@@ -252,12 +275,23 @@ def main(argv=None) -> int:
             parser = build_parser(only=command)
         finally:
             _DEFER = False
-        if _PROCESS_ENTRY and _INTERRUPTS:  # a Ctrl-C during the imports: stop now
+        if _PROCESS_ENTRY and _RECEIVED:  # a Ctrl-C during the imports: stop now
             raise KeyboardInterrupt
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if _PROCESS_ENTRY and args.command not in _NO_JAX_COMMANDS:
+            # import JAX now, with a Ctrl-C only recorded: raised inside jaxlib's or NumPy's extension
+            # initialisation it can crash the interpreter, or become an ImportError that an optional
+            # import swallows
+            _DEFER = True
+            try:
+                importlib.import_module("jax")
+            finally:
+                _DEFER = False
+        if _PROCESS_ENTRY and _RECEIVED:
+            raise KeyboardInterrupt
         empty = _empty_path(args)
         if empty:
             print(f"dpo-sims {args.command}: error: {empty} is empty (it would mean the current directory); "
@@ -265,6 +299,8 @@ def main(argv=None) -> int:
             return 2
         try:
             rc = int(args.func(args) or 0)
+            if _PROCESS_ENTRY and _RECEIVED:  # a Ctrl-C that library code caught: still a stop
+                raise KeyboardInterrupt
         except (UsageError, ValueError, FileNotFoundError) as e:
             if _PROCESS_ENTRY and _INTERRUPTS:
                 raise

@@ -271,11 +271,13 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
     # process), save it, then stop; a second Ctrl-C aborts at once, losing only the running chunk.
     stop = {"requested": False}
 
-    def _on_sigint(signum, frame):
-        if stop["requested"]:  # CLI: exit 130 at once (a raise inside XLA can segfault)
-            from ..cli import second_interrupt
+    from .. import cli
 
-            second_interrupt("sweep")
+    def _on_sigint(signum, frame):
+        # a second Ctrl-C (this one counts those the CLI took before the sweep started, e.g. one that an
+        # import swallowed): exit 130 at once as the CLI (a raise inside XLA can segfault)
+        if cli.note_interrupt() > 1 or stop["requested"]:
+            cli.second_interrupt("sweep")
         stop["requested"] = True
         log("interrupt: saving the running chunk, then stopping (Ctrl-C again to abort now)")
 
@@ -289,7 +291,7 @@ def run_sweep(cfg: SweepConfig, out, *, chunk_size: int | None = None, overwrite
         seen_groups: set = set()
         n_groups = len(_static_combos(cfg))
         for i in todo:
-            if stop["requested"]:
+            if stop["requested"] or cli.interrupts_received():
                 raise KeyboardInterrupt
             idx, region, extents = _chunk_configs(cfg, plan, plan.chunks[i])
             params, statics = _chunk_inputs(cfg, idx, pad_to)
