@@ -392,8 +392,10 @@ def _vocab_heads(head, c, d, dtype, eager):
         head = Head.zeros(d, dtype=dtype)
     if not isinstance(head, Head):
         raise ValueError(f"head must be a dynamics.Head (optionally with a leading (C,) axis), got {type(head).__name__}")
-    w0 = jnp.asarray(head.w_init, dtype)
-    w_ref = None if head.w_ref is None else jnp.asarray(head.w_ref, dtype)
+    as_array = (lambda a: np.asarray(a, dtype)) if is_concrete((head.w_ref, head.w_init)) else \
+        (lambda a: jnp.asarray(a, dtype))  # a concrete head stays concrete under tracing (its ranks are read)
+    w0 = as_array(head.w_init)
+    w_ref = None if head.w_ref is None else as_array(head.w_ref)
     if w0.ndim == 2:
         if w0.shape[1] != d:
             raise ValueError(f"head has d = {w0.shape[1]} but the batch has d = {d}; they must match")
@@ -403,15 +405,16 @@ def _vocab_heads(head, c, d, dtype, eager):
     return head, w_ref, w0, 0
 
 
-def _rank_head(head, w_ref, w0, axis, eager):
+def _rank_head(head, w_ref, w0, axis):
     """The head whose image ranks set the population rule: the shared concrete head itself; the first
     configuration when every configuration has its ranks; else a generic head (the rank bound)."""
     from .vocab_population import image_rank
 
-    if axis is None and eager:
+    concrete = is_concrete((w_ref, w0))
+    if axis is None and concrete:
         return head
     shape = w0.shape[-2:]
-    if eager:
+    if concrete:
         d = shape[1]
         ref = (lambda i: np.zeros(shape)) if w_ref is None else (lambda i: np.asarray(w_ref[i]))
         ranks = {(image_rank(ref(i), d), image_rank(np.asarray(w0[i]), d)) for i in range(w0.shape[0])}
@@ -477,8 +480,9 @@ def _vocab(batch, key, *, layer, c, k, d, dtype, eager, beta, lr, label_smoothin
                              "nor gaussian_equivalent() (docs/custom-distributions.md)")
         dist0 = jax.tree_util.tree_map(lambda a: a[0], dists)
         hp0 = {n_: (v if t_axes[n_] is None else v[0]) for n_, v in traced.items()}
-        rank_head = _rank_head(template, w_ref, w0, h_axis, eager)
-        _, prob, _ = vp._prepare(dist0, rank_head, lt, beta[0], loss_weights, {**static, **hp0}, cubature_order)
+        rank_head = _rank_head(template, w_ref, w0, h_axis)
+        with jax.ensure_compile_time_eval():  # under jit (the sweep) the head's token table stays concrete
+            _, prob, _ = vp._prepare(dist0, rank_head, lt, beta[0], loss_weights, {**static, **hp0}, cubature_order)
         zeros_ref = w_ref is None
 
         def one_population(dist, wr, w_init, b_, l_, thp):
