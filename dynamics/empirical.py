@@ -110,6 +110,8 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
     # everything that can be checked without data, before sampling and compiling
+    if isinstance(head, Head):  # before sampling
+        head.check_margin_only("empirical_trajectory")
     validate_loss(loss, beta, label_smoothing)
     check_choice("path", path, ("reduced", "full"))
     check_schedule(steps, record_every, lr, optimizer)

@@ -351,6 +351,13 @@ def _argparse_type(field: Field, flag: str):
     return parse
 
 
+class _Combinable(tuple):
+    """The ``loss`` choices for argparse: a name, or names joined by ``+`` (a combined objective)."""
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and all(tuple.__contains__(self, part) for part in value.split("+"))
+
+
 def add_arguments(parser, fields, *, defaults: dict | None = None) -> None:
     """Add one ``--NAME`` flag per :class:`Field` to an argparse parser (or argument group).
 
@@ -384,8 +391,8 @@ def add_arguments(parser, fields, *, defaults: dict | None = None) -> None:
             continue
         kwargs = {"dest": f.name, "default": default, "type": _argparse_type(f, flag),
                   "help": help_text + (f"; {_range_text(f).strip()}" if _range_text(f) else "") + ")"}
-        if f.choices and f.name != "loss":  # loss: its own check ('a+b' combinations, the closest name)
-            kwargs["choices"] = f.choices
+        if f.choices:
+            kwargs["choices"] = _Combinable(f.choices) if f.name == "loss" else f.choices
             kwargs["metavar"] = "{" + ",".join(f.choices) + "}"
         if f.per_behavior:
             kwargs["nargs"] = "+"
