@@ -40,6 +40,7 @@ def test_schema_objective_tuples_equal_the_registry():
 
 
 # ----------------------------------------------------------------------------- the engine entry point
+@pytest.mark.slow  # four compilations of the vocabulary layers: ~100 s on the loaded 2-core machine
 def test_trajectories_runs_the_vocabulary_layers_per_configuration(x64):
     """C = 2 configurations (distribution, β, η, a per-configuration hyper-parameter) through
     ``dd.trajectories`` equal the direct vocabulary calls of each configuration (float64)."""
@@ -113,7 +114,7 @@ def _parse(**base):
     ({"vocab_size": 1}, "vocab_size = 1 is out of range; pass a value >= 2"),
     ({"loss": "sigmoid", "rpo_alpha": 0.5}, "rpo_alpha is taken by no loss of the sweep"),
     ({"loss": "exo_pair"}, "label_smoothing must be > 0 with loss_type 'exo_pair'"),
-    ({"loss": "sft", "label_smoothing": 0.1}, "label_smoothing applies to loss = cdpo, robust"),
+    ({"loss": "sft", "label_smoothing": 0.1}, "label_smoothing applies to loss = cdpo or robust only among the margin losses (and exo_pair"),
 ])
 def test_sweep_config_bad_objective_settings_one_line(base, message):
     with pytest.raises(UsageError) as e:
@@ -239,10 +240,12 @@ def test_sweep_over_objectives_and_vocab_size_equals_direct_calls(objective_swee
 def test_plot_reads_the_vocabulary_variables(objective_sweep, tmp_path):
     res, _ = objective_sweep
     out = tmp_path / "logps.png"
-    assert main(["plot", str(res.path), "--y", "logps_chosen", "--out", str(out)]) == 0
+    assert main(["plot", str(res.path), "--y", "logps_chosen", "--hue", "loss_type", "--facet", "vocab_size",
+                 "--out", str(out)]) == 0
     assert out.stat().st_size > 0
 
 
+@pytest.mark.slow  # two compilations (~50 s on 2 loaded cores)
 def test_simulate_vocabulary_first_step_closed_form(capsys, x64):
     """``simulate --loss sft --vocab-size 3``: from the zero head, one SFT step on the population changes
     ``E log π(y_w|x)`` by a closed form: W_1 = η Σ_c π_c (e_{y_w} − 1/V) m_cᵀ, so at the chosen token

@@ -469,8 +469,9 @@ def _cross_checks(cfg: SweepConfig) -> None:
                   f"{list(combo)} sums to {total:.6g} — sweep K − 1 of them (the last is 1 − their sum)")
     ls_vals = _axis_or_base(cfg, "label_smoothing")
     if any(e != 0 for e in ls_vals) and not any(takes_hparam(l, "label_smoothing") for l in _axis_or_base(cfg, "loss")):
-        _fail(src, where("label_smoothing"), "label_smoothing applies to loss = cdpo, robust, exo_pair, cpo, simpo, aot "
-              "or aot_unpaired only; the sweep has none — remove label_smoothing or sweep one of those losses")
+        _fail(src, where("label_smoothing"), "label_smoothing applies to loss = cdpo or robust only among the margin losses "
+              "(and exo_pair, cpo, simpo, aot, aot_unpaired); the sweep has none — remove label_smoothing or sweep one "
+              "of those losses")
     _check_objectives(cfg, where)
     if cfg.base["mode"] != "population" and cfg.num_configs * cfg.seeds > 50_000_000:
         _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds is too many; shrink the grid")
