@@ -49,6 +49,8 @@ from .population import PopulationTrajectory, population_trajectory
 __all__ = ["trajectories", "IMPLEMENTATIONS", "LAYERS", "FallbackWarning", "factored_support"]
 
 IMPLEMENTATIONS = ("auto", "vmap", "factored")
+#: the models of :func:`trajectories`: the paper's margin engines or the vocabulary layers
+MODELS = ("auto", "margin", "vocabulary")
 LAYERS = ("population", "empirical")
 
 
@@ -207,15 +209,17 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
                  head: Head | None = None, label_noise=None, loss_weight=None, method: str = "gd",
                  substeps: int = 4, n: int | None = None, n_eval: int = 2048, batch_size: int | None = None,
                  path: str = "reduced", cov_kind: str | None = None, return_delta: bool = True,
-                 chunk_size: int | None = None, executor=None, loss_weights=None, cubature_order: int | None = None,
-                 **hparams):
+                 chunk_size: int | None = None, executor=None, model: str = "auto", loss_weights=None,
+                 cubature_order: int | None = None, **hparams):
     """Trajectories of C configurations in one layer, by one implementation.
 
     Two models run here. The margin engines (the paper's reduced head, docs/theory.md §1, §3) take a
     ``loss`` of ``dynamics.LOSSES`` on a head with ``V = 2`` and no per-behaviour pairs. Any other
     objective of the registry (``dynamics.losses.OBJECTIVES``, a list of them, objective
-    hyper-parameters such as ``rpo_alpha``/``f_divergence_type``/``loss_weights``), a head with
-    ``V > 2``, per-behaviour ``head.pairs`` or a reference-free head runs the vocabulary layers
+    hyper-parameters such as ``rpo_alpha``/``f_divergence_type``/``loss_weights``), per-behaviour
+    ``head.pairs``, a reference-free head, or ``model="vocabulary"`` (e.g. a margin loss on a
+    ``V > 2`` head, which ``model="auto"`` keeps on the margin engine: its rows ``a``, ``b`` and the
+    softmax over V, as before) runs the vocabulary layers
     (docs/theory.md §7, §8): :func:`dynamics.vocab_population_trajectory` /
     :func:`dynamics.vocab_empirical_trajectory` under ``jax.vmap`` over the C configurations
     (distribution, β, η, numeric hyper-parameters and per-configuration heads vmapped; one
@@ -250,6 +254,8 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
       chunk_size, executor: factored, eager only: configurations per compiled chunk and the
         chunk runner (``sims.distributed.sharded_executor``), as :mod:`dynamics.batched`.
 
+      model: "auto" (above), "margin" (the paper's engines; refused, one line, for what they cannot
+        run) or "vocabulary" (the vocabulary layers for any objective and head).
       loss_weights: vocabulary layers: the weights of a list ``loss`` (TRL semantics).
       cubature_order: vocabulary population layer: Gauss–Hermite points per dimension.
       **hparams: vocabulary layers: the objective's hyper-parameters (``rpo_alpha``, ``cpo_alpha``,
@@ -276,7 +282,12 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
     """
     check_choice("layer", layer, LAYERS)
     check_choice("implementation", implementation, IMPLEMENTATIONS)
+    check_choice("model", model, MODELS)
     vocab_reason = _vocab_reason(loss, head, hparams, loss_weights, cubature_order)
+    if model == "margin" and vocab_reason is not None:
+        raise ValueError(f"model='margin' does not apply: {vocab_reason}; pass model='auto' or 'vocabulary'")
+    if model == "vocabulary" and vocab_reason is None:
+        vocab_reason = "model='vocabulary' was asked for"
     if vocab_reason is None:
         validate_loss(loss, None, 0.0)
     steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)
@@ -370,8 +381,6 @@ def _vocab_reason(loss, head, hparams, loss_weights, cubature_order) -> str | No
     if head is not None and isinstance(head, Head):
         if head.w_ref is None:
             return "the head is reference-free (w_ref=None)"
-        if head.vocab_size > 2:
-            return f"the head has V = {head.vocab_size} > 2 tokens"
         if head.pairs is not None and any(tuple(p) != (head.a, head.b) for p in head.pairs):
             return "the head has per-behaviour token pairs"
     given = sorted(n for n, v in hparams.items() if v is not None)

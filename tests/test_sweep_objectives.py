@@ -69,9 +69,11 @@ def test_trajectories_runs_the_vocabulary_layers_per_configuration(x64):
 def test_trajectories_refuses_factored_and_margin_only_interventions():
     batch = jax.tree.map(lambda *a: np.stack(a), _dist([1.0, 1.0]), _dist([1.0, 2.0]))
     head = dd.Head.zeros(2, vocab_size=3)
-    with pytest.raises(ValueError, match=r"implementation='factored' does not apply: the head has V = 3 > 2") as e:
-        dd.trajectories(batch, beta=1.0, lr=0.1, steps=1, head=head, implementation="factored")
+    with pytest.raises(ValueError, match=r"implementation='factored' does not apply: model='vocabulary'") as e:
+        dd.trajectories(batch, beta=1.0, lr=0.1, steps=1, head=head, implementation="factored", model="vocabulary")
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"model='margin' does not apply: loss='simpo' is not a margin loss"):
+        dd.trajectories(batch, beta=1.0, lr=0.1, steps=1, loss="simpo", model="margin")
     with pytest.raises(ValueError, match="implementation='factored' does not apply: loss='orpo'"):
         dd.trajectories(batch, beta=1.0, lr=0.1, steps=1, loss="orpo", implementation="factored")
     with pytest.raises(ValueError, match="label_noise is a margin-engine intervention"):

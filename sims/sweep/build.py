@@ -226,7 +226,8 @@ def _vocab_body(params, keys, dists, heads, out, spec: GroupSpec, opt, batch):
     common = dict(beta=params["beta"], lr=params["lr"],
                   label_smoothing=params["label_smoothing"] if takes_ls else jnp.zeros_like(params["label_smoothing"]),
                   steps=spec.steps, loss=spec.objective, optimizer=opt, record_every=spec.record_every,
-                  head=_vocab_head(spec, heads), implementation="auto", loss_weights=spec.loss_weights,
+                  head=_vocab_head(spec, heads), implementation="auto", model="vocabulary",
+                  loss_weights=spec.loss_weights,
                   **dict(spec.hparams))
     if spec.label_noise or spec.loss_weight:
         raise ValueError("label_noise and loss_weight are margin-engine interventions; the vocabulary layers "
