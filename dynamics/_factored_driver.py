@@ -68,6 +68,7 @@ def _head_arrays(head, c, d, dtype):
     head = Head.zeros(d, dtype=dtype) if head is None else head
     if not isinstance(head, Head):
         raise ValueError(f"head must be a dynamics.Head (optionally with a leading (C,) axis), got {type(head).__name__}")
+    head.check_margin_only("the factored engine")
     if head.dim != d:
         raise ValueError(f"head has d = {head.dim} but the batch has d = {d}; they must match")
     w_ref, w0 = np.asarray(head.w_ref, dtype), np.asarray(head.w_init, dtype)

@@ -110,6 +110,8 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
     # everything that can be checked without data, before sampling and compiling
+    if isinstance(head, Head):  # before sampling
+        head.check_margin_only("empirical_trajectory")
     validate_loss(loss, beta, label_smoothing)
     check_choice("path", path, ("reduced", "full"))
     check_schedule(steps, record_every, lr, optimizer)
@@ -242,6 +244,8 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
         raise ValueError(f"held_out has d = {xe.shape[1]} but train has d = {x.shape[1]}; they must match")
     d = x.shape[1]
     head = Head.zeros(d, dtype=jnp.asarray(x).dtype) if head is None else head
+    if isinstance(head, Head):
+        head.check_margin_only("empirical_trajectory")
     if head.dim != d:
         raise ValueError(f"head has d = {head.dim} but the data have d = {d}; they must match")
     n = x.shape[0]

@@ -49,6 +49,8 @@ from .population import PopulationTrajectory, population_trajectory
 __all__ = ["trajectories", "IMPLEMENTATIONS", "LAYERS", "FallbackWarning", "factored_support"]
 
 IMPLEMENTATIONS = ("auto", "vmap", "factored")
+#: the models of :func:`trajectories`: the paper's margin engines or the vocabulary layers
+MODELS = ("auto", "margin", "vocabulary")
 LAYERS = ("population", "empirical")
 
 
@@ -122,6 +124,7 @@ def _stacked_head(head, c, d, dtype):
         return w, w, 0, 1, "zero"
     if not isinstance(head, Head):
         raise ValueError(f"head must be a dynamics.Head (optionally with a leading (C,) axis), got {type(head).__name__}")
+    head.check_margin_only("the margin engine")
     w_ref, w0 = jnp.asarray(head.w_ref, dtype), jnp.asarray(head.w_init, dtype)
     if w_ref.ndim == 2:
         w_ref, w0 = jnp.broadcast_to(w_ref, (c,) + w_ref.shape), jnp.broadcast_to(w0, (c,) + w0.shape)
@@ -206,8 +209,24 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
                  head: Head | None = None, label_noise=None, loss_weight=None, method: str = "gd",
                  substeps: int = 4, n: int | None = None, n_eval: int = 2048, batch_size: int | None = None,
                  path: str = "reduced", cov_kind: str | None = None, return_delta: bool = True,
-                 chunk_size: int | None = None, executor=None):
+                 chunk_size: int | None = None, executor=None, model: str = "auto", loss_weights=None,
+                 cubature_order: int | None = None, **hparams):
     """Trajectories of C configurations in one layer, by one implementation.
+
+    Two models run here. The margin engines (the paper's reduced head, docs/theory.md §1, §3) take a
+    ``loss`` of ``dynamics.LOSSES`` on a head with ``V = 2`` and no per-behaviour pairs. Any other
+    objective of the registry (``dynamics.losses.OBJECTIVES``, a list of them, objective
+    hyper-parameters such as ``rpo_alpha``/``f_divergence_type``/``loss_weights``), per-behaviour
+    ``head.pairs``, a reference-free head, or ``model="vocabulary"`` (e.g. a margin loss on a
+    ``V > 2`` head, which ``model="auto"`` keeps on the margin engine: its rows ``a``, ``b`` and the
+    softmax over V, as before) runs the vocabulary layers
+    (docs/theory.md §7, §8): :func:`dynamics.vocab_population_trajectory` /
+    :func:`dynamics.vocab_empirical_trajectory` under ``jax.vmap`` over the C configurations
+    (distribution, β, η, numeric hyper-parameters and per-configuration heads vmapped; one
+    compilation per shape). ``implementation="auto"`` and ``"vmap"`` run it; ``"factored"`` is
+    refused. The population layer's static cubature rank is read from a concrete head shared by all
+    configurations (as the direct call); for a traced or per-configuration head whose ranks differ
+    it is the bound ``min(V − 1 + V − 1, d)`` (same integrals, a finer rule).
 
     Args:
       batch: the C distributions: a :class:`dynamics.batched.PreferenceBatch`, or any distribution
@@ -235,20 +254,42 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
       chunk_size, executor: factored, eager only: configurations per compiled chunk and the
         chunk runner (``sims.distributed.sharded_executor``), as :mod:`dynamics.batched`.
 
+      model: "auto" (above), "margin" (the paper's engines; refused, one line, for what they cannot
+        run) or "vocabulary" (the vocabulary layers for any objective and head).
+      loss_weights: vocabulary layers: the weights of a list ``loss`` (TRL semantics).
+      cubature_order: vocabulary population layer: Gauss–Hermite points per dimension.
+      **hparams: vocabulary layers: the objective's hyper-parameters (``rpo_alpha``, ``cpo_alpha``,
+        ``simpo_gamma``, ``f_divergence_type``, …; ``dynamics.get_objective(name).hparams``):
+        strings static, numbers scalars or ``(C,)``. ``label_smoothing`` is passed to the objectives
+        that take it.
+
     Returns:
       :class:`PopulationTrajectory` or :class:`EmpiricalTrajectory` whose every leaf has a leading
       ``(C,)`` axis (``step (C, T)``; ``delta`` ``None`` when the factored engine ran with
       ``return_delta=False``). NumPy arrays from an eager factored run, JAX arrays otherwise.
+      Vocabulary layers: a :class:`dynamics.VocabTrajectory` (population) or its ``(train, eval)``
+      pair (empirical), every leaf with a leading ``(C,)`` axis (``metrics[m]`` ``(C, T, K)``,
+      ``"probs"`` ``(C, T, K, V)``).
 
     Raises:
-      ValueError: an unknown layer/implementation, a bad argument (named, as the core), or
-        ``implementation="factored"`` where it does not apply (the reason, one line).
+      ValueError: an unknown layer/implementation/loss (closest name suggested), a bad argument
+        (named, as the core), ``implementation="factored"`` where it does not apply (the reason, one
+        line), or, on the vocabulary path, ``label_noise``/``loss_weight``/``method="flow"`` (not
+        defined there) and the vocabulary layers' own errors (e.g. a batch-level objective in the
+        population layer).
 
     Source: docs/theory.md §1 (reduced head), §3 (population), §5 (interventions).
     """
     check_choice("layer", layer, LAYERS)
     check_choice("implementation", implementation, IMPLEMENTATIONS)
-    validate_loss(loss, None, 0.0)
+    check_choice("model", model, MODELS)
+    vocab_reason = _vocab_reason(loss, head, hparams, loss_weights, cubature_order)
+    if model == "margin" and vocab_reason is not None:
+        raise ValueError(f"model='margin' does not apply: {vocab_reason}; pass model='auto' or 'vocabulary'")
+    if model == "vocabulary" and vocab_reason is None:
+        vocab_reason = "model='vocabulary' was asked for"
+    if vocab_reason is None:
+        validate_loss(loss, None, 0.0)
     steps, record_every = check_schedule(steps, record_every, None if lr is None else 1.0, optimizer)
     c = _num_configs(batch)
     k, d = _dims(batch)
@@ -275,8 +316,24 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
     lr_c = _per_config("lr", 0.0 if lr is None else lr, c, dtype, eager,
                        positive=lr is not None and not hasattr(optimizer, "update"))
     ls_c = _per_config("label_smoothing", label_smoothing, c, dtype, eager, positive=False)
-    if eager:
+    if eager and vocab_reason is None:
         bt._check_label_smoothing(loss, ls_c)
+    if vocab_reason is not None:
+        if implementation == "factored":
+            raise ValueError(f"implementation='factored' does not apply: {vocab_reason}, which the vocabulary layers "
+                             "run (the factored engine trains the reduced margin head only); pass implementation='vmap' "
+                             "or 'auto'")
+        for name, value in (("label_noise", label_noise), ("loss_weight", loss_weight)):
+            if value is not None:
+                raise ValueError(f"{name} is a margin-engine intervention; the vocabulary layers ({vocab_reason}) do "
+                                 f"not define it: pass {name}=None")
+        if layer == "population" and method != "gd":
+            raise ValueError(f"method={method!r}: the vocabulary population layer ({vocab_reason}) runs discrete "
+                             "steps only; pass method='gd'")
+        return _vocab(batch, key, layer=layer, c=c, k=k, d=d, dtype=dtype, eager=eager, beta=beta_c,
+                      lr=None if lr is None else lr_c, label_smoothing=ls_c, steps=steps, record_every=record_every,
+                      loss=loss, optimizer=optimizer, head=head, n=n, n_eval=n_eval, batch_size=batch_size,
+                      loss_weights=loss_weights, cubature_order=cubature_order, hparams=hparams)
     noise_c = _per_behavior("label_noise", label_noise, c, k, dtype, eager)
     lam_c = _per_behavior("loss_weight", loss_weight, c, k, dtype, eager)
 
@@ -305,6 +362,165 @@ def trajectories(batch, key=None, *, layer: str = "population", implementation: 
                                     return_delta=return_delta, chunk_size=chunk_size, executor=executor, **common)
     return _factored_empirical(batch, key, n=n, n_eval=n_eval, batch_size=batch_size, cov_kind=cov_kind,
                                return_delta=return_delta, chunk_size=chunk_size, executor=executor, **common)
+
+
+# --------------------------------------------------------------------------- the vocabulary layers
+def _vocab_reason(loss, head, hparams, loss_weights, cubature_order) -> str | None:
+    """Why the call runs the vocabulary layers (one clause), or ``None`` for the margin engines."""
+    from . import losses
+
+    if isinstance(loss, (list, tuple)):
+        for name in loss:
+            losses.get_objective(name)  # unknown: the closest name suggested
+        return f"loss={list(loss)} is a list of objectives"
+    if not isinstance(loss, str):
+        raise ValueError(f"loss must be an objective name or a list of names, got {loss!r}; pass e.g. loss='sigmoid'")
+    if loss not in losses.LOSSES:
+        losses.get_objective(loss)
+        return f"loss={loss!r} is not a margin loss of the paper's engine"
+    if head is not None and isinstance(head, Head):
+        if head.w_ref is None:
+            return "the head is reference-free (w_ref=None)"
+        if head.pairs is not None and any(tuple(p) != (head.a, head.b) for p in head.pairs):
+            return "the head has per-behaviour token pairs"
+    given = sorted(n for n, v in hparams.items() if v is not None)
+    if given:
+        return f"objective hyper-parameters {given} were given"
+    if loss_weights is not None:
+        return "loss_weights was given"
+    if cubature_order is not None:
+        return "cubature_order was given"
+    return None
+
+
+def _vocab_heads(head, c, d, dtype, eager):
+    """``(template, w_ref, w0, axis)``: the head's arrays (``w_ref`` ``None`` when reference-free), shared
+    (axis ``None``, ``(V, d)``) or per configuration (axis 0, ``(C, V, d)``), and a :class:`Head` that
+    carries the shapes, pairs and (when concrete and shared) the values for the static set-up."""
+    if head is None:
+        head = Head.zeros(d, dtype=dtype)
+    if not isinstance(head, Head):
+        raise ValueError(f"head must be a dynamics.Head (optionally with a leading (C,) axis), got {type(head).__name__}")
+    as_array = (lambda a: np.asarray(a, dtype)) if is_concrete((head.w_ref, head.w_init)) else \
+        (lambda a: jnp.asarray(a, dtype))  # a concrete head stays concrete under tracing (its ranks are read)
+    w0 = as_array(head.w_init)
+    w_ref = None if head.w_ref is None else as_array(head.w_ref)
+    if w0.ndim == 2:
+        if w0.shape[1] != d:
+            raise ValueError(f"head has d = {w0.shape[1]} but the batch has d = {d}; they must match")
+        return head, w_ref, w0, None
+    if w0.ndim != 3 or w0.shape[0] != c or w0.shape[2] != d or (w_ref is not None and w_ref.shape != w0.shape):
+        raise ValueError(f"head.w_init has shape {w0.shape}; expected (V, d) or (C, V, d) with C = {c}, d = {d}")
+    return head, w_ref, w0, 0
+
+
+def _rank_head(head, w_ref, w0, axis):
+    """The head whose image ranks set the population rule: the shared concrete head itself; the first
+    configuration when every configuration has its ranks; else a generic head (the rank bound)."""
+    from .vocab_population import image_rank
+
+    concrete = is_concrete((w_ref, w0))
+    if axis is None and concrete:
+        return head
+    shape = w0.shape[-2:]
+    if concrete:
+        d = shape[1]
+        ref = (lambda i: np.zeros(shape)) if w_ref is None else (lambda i: np.asarray(w_ref[i]))
+        ranks = {(image_rank(ref(i), d), image_rank(np.asarray(w0[i]), d)) for i in range(w0.shape[0])}
+        if len(ranks) == 1:
+            return Head(None if w_ref is None else w_ref[0], w0[0], head.a, head.b, head.pairs)
+    rng = np.random.default_rng(0)
+    generic = lambda: rng.standard_normal(shape)
+    return Head(None if w_ref is None else generic(), generic(), head.a, head.b, head.pairs)
+
+
+def _vocab_hparams(loss, hparams, label_smoothing, c, eager):
+    """``(static, traced, traced_axes)``: strings/bools/None static; numbers as scalars (shared) or ``(C,)``
+    (vmapped); ``label_smoothing`` (``(C,)``) joins when one of the objectives takes it."""
+    from . import losses
+
+    names = [loss] if isinstance(loss, str) else list(loss)
+    takes_ls = any("label_smoothing" in losses.get_objective(n).hparams for n in names)
+    if "label_smoothing" in hparams:
+        raise ValueError("label_smoothing is an argument of trajectories; pass label_smoothing=… (not as a "
+                         "hyper-parameter keyword twice)")
+    static, traced, axes = {}, {}, {}
+    for name, value in hparams.items():
+        if value is None or isinstance(value, (str, bool, np.bool_)):
+            static[name] = value
+            continue
+        arr = jnp.asarray(value)
+        if arr.ndim == 0:
+            traced[name], axes[name] = arr, None
+        elif arr.shape == (c,):
+            traced[name], axes[name] = arr, 0
+        else:
+            raise ValueError(f"{name} has shape {arr.shape}; pass a scalar or one value per configuration ({c},)")
+    if takes_ls:
+        traced["label_smoothing"], axes["label_smoothing"] = label_smoothing, 0
+    elif eager and np.any(np.asarray(label_smoothing) != 0):
+        raise ValueError(f"label_smoothing has no effect with loss {loss!r}; pass label_smoothing=0 or an objective "
+                         "that takes it (e.g. 'cdpo', 'robust', 'exo_pair', 'cpo', 'simpo')")
+    return static, traced, axes
+
+
+def _vocab(batch, key, *, layer, c, k, d, dtype, eager, beta, lr, label_smoothing, steps, record_every, loss,
+           optimizer, head, n, n_eval, batch_size, loss_weights, cubature_order, hparams):
+    """The vocabulary layers, ``jax.vmap`` over the C configurations (docs/theory.md §7, §8)."""
+    from . import losses
+    from . import vocab_population as vp
+    from .population import as_default_float
+    from .vocab import VocabTrajectory, vocab_empirical_trajectory
+
+    dists = batch.stacked() if isinstance(batch, bt.PreferenceBatch) else batch
+    template, w_ref, w0, h_axis = _vocab_heads(head, c, d, dtype, eager)
+    static, traced, t_axes = _vocab_hparams(loss, hparams, label_smoothing, c, eager)
+    lt = loss if isinstance(loss, str) else list(loss)
+    if eager:  # every configuration's values, one line per bad field (the layers check configuration by configuration)
+        z = jnp.zeros((c,), dtype)
+        ref = (z, z) if template.w_ref is not None else (None, None)
+        losses.objective_loss(lt, z, z, *ref, beta=beta, loss_weights=loss_weights, **static,
+                              **{n_: jnp.broadcast_to(v, (c,)) for n_, v in traced.items()})
+    lr_c = jnp.zeros((c,), dtype) if lr is None else lr
+    ref_axis = None if w_ref is None else h_axis
+    if layer == "population":
+        if not (hasattr(dists, "components") or hasattr(dists, "gaussian_equivalent")):
+            raise ValueError(f"the population layer cannot run {type(dists).__name__}: it has neither components() "
+                             "nor gaussian_equivalent() (docs/custom-distributions.md)")
+        dist0 = jax.tree_util.tree_map(lambda a: a[0], dists)
+        hp0 = {n_: (v if t_axes[n_] is None else v[0]) for n_, v in traced.items()}
+        rank_head = _rank_head(template, w_ref, w0, h_axis)
+        with jax.ensure_compile_time_eval():  # under jit (the sweep) the head's token table stays concrete
+            _, prob, _ = vp._prepare(dist0, rank_head, lt, beta[0], loss_weights, {**static, **hp0}, cubature_order)
+        zeros_ref = w_ref is None
+
+        def one_population(dist, wr, w_init, b_, l_, thp):
+            if not hasattr(dist, "components") and hasattr(dist, "gaussian_equivalent"):
+                dist = dist.gaussian_equivalent()
+            dist = as_default_float(dist)
+            dt = dist.components().mean.dtype
+            w_init = w_init.astype(dt)
+            wr = jnp.zeros_like(w_init) if zeros_ref else wr.astype(dt)
+            step, metrics, loss_total, grad_norm, ws = vp._trajectory(
+                prob, dist, wr, w_init, b_.astype(dt), l_.astype(dt), thp, optimizer=optimizer, steps=steps,
+                record_every=record_every)
+            comps = dist.components()
+            weights = jax.ops.segment_sum(comps.weight, comps.behavior, dist.num_behaviors)
+            return VocabTrajectory(steps=step, metrics=metrics, loss_total=loss_total, grad_norm=grad_norm,
+                                   weights=weights, w=ws)
+
+        return jax.vmap(one_population, in_axes=(0, ref_axis, h_axis, 0, 0, t_axes))(
+            dists, w_ref, w0, beta, lr_c, traced)
+    a, b, pairs = template.a, template.b, template.pairs
+
+    def one_empirical(dist, wr, w_init, b_, l_, thp, kk):
+        h = Head(wr, w_init, a, b, pairs)
+        return vocab_empirical_trajectory(dist, kk, head=h, loss_type=lt, beta=b_, lr=None if lr is None else l_,
+                                          steps=steps, n=n, n_eval=n_eval, optimizer=optimizer, batch_size=batch_size,
+                                          record_every=record_every, loss_weights=loss_weights, **static, **thp)
+
+    return jax.vmap(one_empirical, in_axes=(0, ref_axis, h_axis, 0, 0, t_axes, None if key.ndim == 0 else 0))(
+        dists, w_ref, w0, beta, lr_c, traced, key)
 
 
 # --------------------------------------------------------------------------- vmap of the core

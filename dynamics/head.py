@@ -106,6 +106,20 @@ class Head:
                              "behaviours; pass one (a_k, b_k) per behaviour (or pairs=None)")
         return jnp.array(self.pairs, jnp.int32)
 
+    def check_margin_only(self, where: str) -> "Head":
+        """Refuse per-behaviour token pairs in a margin-only engine (which reads rows ``a``, ``b`` only).
+
+        ``pairs`` that all equal ``(a, b)`` are accepted (the same model). Returns ``self``.
+
+        Raises:
+          ValueError: a pair differs from ``(a, b)`` (one line, pointing to the vocabulary layers).
+        """
+        if self.pairs is not None and any(tuple(p) != (self.a, self.b) for p in self.pairs):
+            raise ValueError(f"{where} is a margin-only engine (rows a={self.a}, b={self.b}) and cannot use per-behaviour "
+                             f"head.pairs {list(self.pairs)}; use dynamics.trajectories (it runs the vocabulary layer) or "
+                             "dynamics.vocab_population_trajectory / vocab_empirical_trajectory")
+        return self
+
     def _reference(self):
         if self.w_ref is None:
             raise ValueError("head has no reference (w_ref=None); the margin-only engines need one: "

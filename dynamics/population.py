@@ -238,7 +238,7 @@ def population_trajectory(dist: GaussianPreference, *, beta, lr=None, steps: int
         dist = dist.gaussian_equivalent()
     dist = as_default_float(dist)
     check_interventions(dist.num_behaviors, label_noise, loss_weight)
-    head = Head.zeros(dist.dim) if head is None else head
+    head = Head.zeros(dist.dim) if head is None else head.check_margin_only("population_trajectory")
     if head.dim != dist.dim:
         raise ValueError(f"head has d = {head.dim} but the distribution has d = {dist.dim}; they must match")
     lr = 0.0 if lr is None else lr

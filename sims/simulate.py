@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep.schema import FIELDS, add_arguments
+from .sweep.schema import FIELDS, LOSS_NAMES, OBJECTIVE_HPARAMS, add_arguments, parse_token_pairs
 
 _COLUMNS = ("loss", "reward_accuracy")
+#: the columns of a vocabulary run (behaviour-weighted means; docs/sweeps.md names)
+_VOCAB_COLUMNS = ("loss", "reward_accuracy", "logps_chosen", "displacement")
 
 #: the sweep fields simulate takes as flags (same names, rules and defaults as a sweep's [base])
 SIMULATE_FIELDS = ("distinguishability", "d", "sigma", "p", "beta", "lr", "steps", "loss", "label_smoothing",
-                   "optimizer", "n", "n_eval", "batch_size")
+                   "optimizer", "n", "n_eval", "batch_size", "vocab_size", "token_pairs", "loss_weights",
+                   *OBJECTIVE_HPARAMS)
 
-#: ``dynamics.LOSSES`` (the sweep schema's JAX-free copy; a test checks they agree)
-LOSS_CHOICES = FIELDS["loss"].choices
+#: ``dynamics.LOSSES``, the margin losses of the paper's engine (the sweep schema's JAX-free copy; a test
+#: checks they agree); ``--loss`` takes every objective of the registry (``FIELDS["loss"].choices``)
+LOSS_CHOICES = LOSS_NAMES
 
 
 def register(sub) -> None:
@@ -59,6 +63,9 @@ def _check_args(args) -> None:
         raise ValueError(f"--rows must be >= 2, got {args.rows}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 (as in sweep configs), got {args.seed}")
+    k = 1 if args.dist else len(_values(args.distinguishability))
+    if not args.dist:  # a file's K is known once it is read (run checks the pairs again)
+        parse_token_pairs(args.token_pairs, args.vocab_size, k)
     if args.batch_size > args.n:
         raise ValueError(f"--batch-size {args.batch_size} exceeds --n {args.n}; pass --batch-size <= --n, "
                          "or 0 for full batch")
@@ -106,6 +113,23 @@ def run(args) -> int:
     dist = _distribution(args)
     rows = max(2, min(args.rows, args.steps + 1))
     shown = np.unique(np.linspace(0, args.steps, rows).round().astype(int))
+    from .sweep.config import objective_options
+    from .sweep.plan import GroupSpec
+
+    from .sweep.config import takes_hparam
+
+    for name in OBJECTIVE_HPARAMS:
+        if getattr(args, name) is not None and not takes_hparam(args.loss, name):
+            raise ValueError(f"--{name.replace('_', '-')} has no effect with --loss {args.loss}; drop it or choose a "
+                             "loss that takes it (dynamics.get_objective(name).hparams)")
+    opts = objective_options(vars(args))
+    pairs = parse_token_pairs(args.token_pairs, args.vocab_size, dist.num_behaviors)
+    probe = GroupSpec(mode="both", kind="gaussian", num_behaviors=dist.num_behaviors, d=dist.dim, loss=args.loss,
+                      optimizer=args.optimizer, method="gd", n=args.n, n_eval=args.n_eval, batch_size=args.batch_size,
+                      steps=args.steps, record_every=1, vocab_size=args.vocab_size, token_pairs=pairs,
+                      loss_weights=opts["loss_weights"], hparams=tuple(sorted(opts["hparams"].items())))
+    if probe.vocab:
+        return _run_vocab(args, dist, pairs, opts, shown)
     common = dict(beta=args.beta, lr=args.lr, steps=args.steps, loss=args.loss, label_smoothing=args.label_smoothing,
                   optimizer=None if args.optimizer == "sgd" else args.optimizer)
     pop = dd.population_trajectory(dist, **common)
@@ -137,5 +161,48 @@ def run(args) -> int:
         which = [w for w, t in (("population", pop), ("empirical", emp)) if bool(t.diverged)]
         print(f"# WARNING: the {' and '.join(which)} trajector{'ies' if len(which) > 1 else 'y'} diverged (NaN/inf, or the loss rose more than "
               f"{LOSS_RISE_FACTOR:g}x max(|loss_0|, 1) above its start); lower lr or beta")
+        return 1
+    return 0
+
+
+def _run_vocab(args, dist, pairs, opts, shown) -> int:
+    """A vocabulary run (an objective other than the margin losses, V > 2 or token pairs): the population
+    and empirical layers (:func:`dynamics.vocab_population_trajectory`, :func:`dynamics.vocab_empirical_trajectory`)
+    from the zero head, the table of the behaviour-weighted means of :data:`_VOCAB_COLUMNS`."""
+    import numpy as np
+
+    import dynamics as dd
+
+    from .sweep import seed_key
+    from .sweep.build import vocab_metrics
+
+    head = dd.Head.zeros(dist.dim, vocab_size=args.vocab_size, pairs=pairs)
+    ls = {"label_smoothing": args.label_smoothing} if any(
+        "label_smoothing" in dd.get_objective(n).hparams for n in args.loss.split("+")) else {}
+    if not ls and args.label_smoothing != 0:
+        raise ValueError(f"--label-smoothing has no effect with --loss {args.loss}; drop it or choose a loss that "
+                         "takes it (cdpo, robust, exo_pair, cpo, simpo, aot)")
+    common = dict(head=head, loss_type=opts["loss"], beta=args.beta, lr=args.lr, steps=args.steps,
+                  optimizer=None if args.optimizer == "sgd" else args.optimizer, loss_weights=opts["loss_weights"],
+                  **opts["hparams"], **ls)
+    pop = vocab_metrics(dd.vocab_population_trajectory(dist, **common))
+    train, held = dd.vocab_empirical_trajectory(dist, seed_key(args.seed, 0), n=args.n, n_eval=args.n_eval,
+                                                batch_size=args.batch_size or None, **common)
+    train, held = vocab_metrics(train), vocab_metrics(held)
+    print(f"# vocabulary layers: K={dist.num_behaviors}, d={dist.dim}, V={args.vocab_size}, "
+          f"token_pairs={[list(p) for p in head.token_pairs(dist.num_behaviors).tolist()]}, loss={args.loss}, "
+          f"beta={args.beta}, lr={args.lr}, optimizer={args.optimizer}, n={args.n}, n_eval={args.n_eval}, "
+          f"seed={args.seed}" + "".join(f", {k}={v}" for k, v in opts["hparams"].items()))
+    header = ["step"] + [f"{col}:{split}" for col in _VOCAB_COLUMNS for split in ("pop", "train", "eval")]
+    widths = [max(len(h), 8) for h in header]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for t in shown:
+        vals = [str(t)] + [f"{float(np.asarray(src[col])[t]):.4f}" for col in _VOCAB_COLUMNS
+                           for src in (pop, train, held)]
+        print("  ".join(v.rjust(w) for v, w in zip(vals, widths)))
+    bad = [w for w, m in (("population", pop), ("empirical", train)) if not np.all(np.isfinite(np.asarray(m["loss"])))]
+    if bad:
+        print(f"# WARNING: the {' and '.join(bad)} trajector{'ies' if len(bad) > 1 else 'y'} diverged (NaN/inf "
+              "objective); lower lr or beta")
         return 1
     return 0

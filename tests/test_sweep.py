@@ -471,7 +471,9 @@ def test_schema_name_tuples_equal_the_registries():
     assert sw.OPTIMIZER_NAMES == tuple(OPTIMIZERS) and sw.FIELDS["optimizer"].choices == tuple(OPTIMIZERS)
     assert sw.COMPILE_MODES == chunking.COMPILE_MODES
     cfg = sw.parse_config({"base": {"loss": "ipo"}})  # parsing syncs the field with the registry
-    assert cfg.base["loss"] == "ipo" and sw.FIELDS["loss"].choices == tuple(dd.LOSSES)
+    # the loss axis takes the margin losses and every other objective of the registry
+    assert cfg.base["loss"] == "ipo" and sw.FIELDS["loss"].choices == tuple(dd.LOSSES) + tuple(
+        n for n in dd.losses.OBJECTIVE_NAMES if n not in dd.LOSSES)
     # every name the package re-exports lazily lives in the submodule it names
     for name, module in sw._LAZY.items():
         assert getattr(sw, name) is getattr(getattr(sw, module), name), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import dynamics as dd
 from dynamics import transforms as tf
@@ -130,7 +131,7 @@ def _chunk_body(params, keys, file_dist, spec: GroupSpec):
     """
     opt = None if spec.optimizer == "sgd" else spec.optimizer
     batch = spec.batch_size or None
-    smoothed = dd.losses.uses_label_smoothing(spec.loss)
+    smoothed = (not spec.vocab) and dd.losses.uses_label_smoothing(spec.loss)
 
     def build(p):
         gaussian, head = build_distribution(p, d=spec.d, file_dist=file_dist)
@@ -145,6 +146,8 @@ def _chunk_body(params, keys, file_dist, spec: GroupSpec):
         return dist, head, out
 
     dists, heads, out = jax.vmap(build)(params)
+    if spec.vocab:
+        return _vocab_body(params, keys, dists, heads, out, spec, opt, batch)
     # ε only means something for cdpo / robust; with a loss axis the other groups get 0
     common = dict(
         beta=params["beta"], lr=params["lr"], label_smoothing=params["label_smoothing"] if smoothed else jnp.zeros_like(params["label_smoothing"]),
@@ -177,3 +180,70 @@ def _chunk_body(params, keys, file_dist, spec: GroupSpec):
             out["delta"] = seeds_second(emp.delta)
     return out
 
+
+
+#: stored names of the vocabulary metrics (TRL's ``logps/chosen`` … → valid variable names; the
+#: margin engine's names where it has the same quantity: ``rewards_margin``, ``reward_accuracy``)
+VOCAB_NAMES = {"logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected", "logits/chosen": "logits_chosen",
+               "logits/rejected": "logits_rejected", "rewards/chosen": "rewards_chosen",
+               "rewards/rejected": "rewards_rejected", "rewards/margins": "rewards_margin",
+               "rewards/accuracies": "reward_accuracy", "entropy": "entropy", "kl": "kl", "probs": "probs",
+               "loss": "loss", "displacement": "displacement"}
+
+
+def vocab_metrics(traj) -> dict:
+    """A (stacked) :class:`dynamics.VocabTrajectory` as stored variables: ``loss`` (the optimised
+    mixture objective, ``loss_total``), ``grad_norm`` (‖∇_W L‖_F), and per metric ``m`` its
+    behaviour-weighted mean ``NAME`` (``traj.mean(m)``) and per-behaviour values ``behavior_NAME``
+    (``probs``: a trailing token axis); NAME from :data:`VOCAB_NAMES`."""
+    out = {"loss": traj.loss_total, "grad_norm": traj.grad_norm}
+    for m, v in traj.metrics.items():
+        name = VOCAB_NAMES.get(m, m.replace("/", "_"))
+        out["behavior_" + name] = v
+        if m != "loss":
+            out[name] = traj.mean(m)
+    return out
+
+
+def _vocab_head(spec: GroupSpec, heads):
+    """The head of a vocabulary group: the zero head (concrete, so the population layer reads its
+    ranks), else the sweep's heads (rows 0, 1, ``(C, 2, d)``) padded with zero rows to ``(C, V, d)``."""
+    v = spec.vocab_size
+    if spec.zero_head:
+        d = heads.w_init.shape[-1]
+        w = np.zeros((v, d), dtype=jnp.result_type(float))
+        return dd.Head(w, w, 0, 1, spec.token_pairs)
+    pad = lambda w: jnp.concatenate([w, jnp.zeros(w.shape[:1] + (v - 2,) + w.shape[2:], w.dtype)], axis=1)
+    return dd.Head(pad(heads.w_ref), pad(heads.w_init), 0, 1, spec.token_pairs)
+
+
+def _vocab_body(params, keys, dists, heads, out, spec: GroupSpec, opt, batch):
+    """A vocabulary group (:attr:`GroupSpec.vocab`): both layers through :func:`dynamics.trajectories`
+    (which runs :func:`dynamics.vocab_population_trajectory` / :func:`dynamics.vocab_empirical_trajectory`
+    under ``jax.vmap``); the stored metrics are :func:`vocab_metrics`. Diverged: a non-finite objective."""
+    names = spec.loss.split("+")
+    takes_ls = any("label_smoothing" in dd.get_objective(n).hparams for n in names)
+    common = dict(beta=params["beta"], lr=params["lr"],
+                  label_smoothing=params["label_smoothing"] if takes_ls else jnp.zeros_like(params["label_smoothing"]),
+                  steps=spec.steps, loss=spec.objective, optimizer=opt, record_every=spec.record_every,
+                  head=_vocab_head(spec, heads), implementation="auto", model="vocabulary",
+                  loss_weights=spec.loss_weights,
+                  **dict(spec.hparams))
+    if spec.label_noise or spec.loss_weight:
+        raise ValueError("label_noise and loss_weight are margin-engine interventions; the vocabulary layers "
+                         f"(loss {spec.loss!r}, vocab_size {spec.vocab_size}) do not define them — leave them at 0 and 1")
+    bad = lambda v: ~jnp.all(jnp.isfinite(v), axis=-1)
+    if spec.mode in ("population", "both"):
+        if spec.method != "gd":
+            raise ValueError(f"method = {spec.method!r}: the vocabulary population layer runs discrete steps only; "
+                             "set method = \"gd\"")
+        pop = dd.trajectories(dists, layer="population", **common)
+        out["population"] = vocab_metrics(pop)
+        out["population_diverged"] = bad(pop.loss_total)
+    if spec.mode in ("empirical", "both"):
+        train, held = jax.lax.map(lambda key: dd.trajectories(dists, key, layer="empirical", n=spec.n,
+                                                               n_eval=spec.n_eval, batch_size=batch, **common), keys)
+        seeds_second = lambda tree: jax.tree_util.tree_map(lambda v: jnp.swapaxes(v, 0, 1), tree)  # (C, S, …)
+        out["train"], out["eval"] = seeds_second(vocab_metrics(train)), seeds_second(vocab_metrics(held))
+        out["diverged"] = seeds_second(bad(train.loss_total))
+    return out

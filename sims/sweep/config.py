@@ -17,8 +17,12 @@ import numpy as np
 from ..cli import UsageError
 from ..store import config_fingerprint
 from .families import FAMILIES, _is_shipped
-from .schema import (FIELDS, RENAMED_KEYS, TOP_KEYS, _axis_values, _check_scalar, _fail, _split_axis,
+from .schema import (FIELDS, OBJECTIVE_HPARAMS, RENAMED_KEYS, TOP_KEYS, parse_token_pairs, _axis_values, _check_scalar, _fail, _split_axis,
                      _suggest, _type_name)
+
+
+#: the fields of the vocabulary objectives (left out of the resolved config at their defaults)
+VOCAB_FIELDS = ("loss_weights", "vocab_size", "token_pairs", *OBJECTIVE_HPARAMS)
 
 
 # --------------------------------------------------------------------------- config
@@ -70,7 +74,9 @@ class SweepConfig:
     def resolved(self) -> dict:
         """The JSON-serialisable resolved config (stored in the results; its fingerprint)."""
         out = {"name": self.name, "description": self.description, "seeds": self.seeds, "seed": self.seed,
-               "base": dict(self.base), "grid": {k: list(v) for k, v in self.grid.items()},
+               "base": {k: v for k, v in self.base.items()
+                        if not (k in VOCAB_FIELDS and v == FIELDS[k].default)},  # old stores keep their fingerprint
+               "grid": {k: list(v) for k, v in self.grid.items()},
                "key_derivation": "seed s: jax.random.fold_in(jax.random.key(seed), s)"}
         if self.file_sha256:
             out["distribution_sha256"] = self.file_sha256
@@ -157,10 +163,11 @@ def load_config(path) -> SweepConfig:
 def _sync_loss_choices() -> None:
     """Give the ``loss`` field the losses of :data:`dynamics.LOSSES` (including ones registered at
     run time; the schema's JAX-free :data:`~sims.sweep.schema.LOSS_NAMES` lists the shipped ones)."""
-    from dynamics.losses import LOSSES
+    from dynamics.losses import LOSSES, OBJECTIVE_NAMES
 
-    if FIELDS["loss"].choices != tuple(LOSSES):
-        FIELDS["loss"] = dataclasses.replace(FIELDS["loss"], choices=tuple(LOSSES))
+    choices = tuple(LOSSES) + tuple(n for n in OBJECTIVE_NAMES if n not in LOSSES)
+    if FIELDS["loss"].choices != choices:
+        FIELDS["loss"] = dataclasses.replace(FIELDS["loss"], choices=choices)
 
 
 def parse_config(data: dict, *, source: str = "<config>", base_dir=None) -> SweepConfig:
@@ -357,9 +364,79 @@ def _axis_or_base(cfg: SweepConfig, name: str) -> list:
     return list(cfg.grid[name]) if name in cfg.grid else [cfg.base[name]]
 
 
-def _cross_checks(cfg: SweepConfig) -> None:
-    from dynamics.losses import uses_label_smoothing
+def takes_hparam(loss: str, name: str) -> bool:
+    """Whether one of the objectives of ``loss`` (``'a+b'``) takes the hyper-parameter ``name``."""
+    from dynamics.losses import get_objective
 
+    return any(name in get_objective(n).hparams for n in loss.split("+"))
+
+
+def objective_options(values: dict) -> dict:
+    """The objective's arguments of one configuration for :func:`dynamics.trajectories`: ``loss`` (a name
+    or a list), ``loss_weights`` (or ``None``) and the hyper-parameters its objectives take that differ
+    from their defaults (so a margin loss at its defaults stays on the paper's engine).
+
+    Raises:
+      ValueError: ``loss_weights`` that are not numbers or do not match the combined loss.
+    """
+    from dynamics.losses import get_objective
+
+    names = values["loss"].split("+")
+    text = values.get("loss_weights", "") or ""
+    weights = None
+    if text.strip():
+        try:
+            weights = tuple(float(w) for w in text.split(","))
+        except ValueError:
+            raise ValueError(f"loss_weights = {text!r}: write numbers separated by ',' (one per objective of loss)") from None
+        if len(weights) != len(names):
+            raise ValueError(f"loss_weights = {text!r} has {len(weights)} weights but loss = {values['loss']!r} has "
+                             f"{len(names)} objectives; give one weight per objective")
+    hp = {}
+    for name in OBJECTIVE_HPARAMS:
+        v = values.get(name)
+        users = [n for n in names if name in get_objective(n).hparams]
+        if v is None or not users:
+            continue
+        if all(v == get_objective(n).hparams[name] for n in users):
+            continue
+        hp[name] = v
+    return {"loss": names[0] if len(names) == 1 else names, "loss_weights": weights, "hparams": hp}
+
+
+def _check_objectives(cfg: SweepConfig, where) -> None:
+    """Every objective setting of the sweep, checked by the registry (one line per problem)."""
+    import jax.numpy as jnp
+    from dynamics.losses import objective_loss
+
+    src = cfg.source
+    for name in OBJECTIVE_HPARAMS:
+        vals = [v for v in _axis_or_base(cfg, name) if v is not None]
+        if vals and not any(takes_hparam(l, name) for l in _axis_or_base(cfg, "loss")):
+            _fail(src, where(name), f"{name} is taken by no loss of the sweep ({sorted(set(_axis_or_base(cfg, 'loss')))}); "
+                  "remove it or sweep a loss that takes it")
+    for combo in itertools.product(*(_axis_or_base(cfg, n) for n in ("loss", "loss_weights", "vocab_size",
+                                                                     "token_pairs", *OBJECTIVE_HPARAMS))):
+        values = dict(zip(("loss", "loss_weights", "vocab_size", "token_pairs", *OBJECTIVE_HPARAMS), combo))
+        try:
+            parse_token_pairs(values["token_pairs"], values["vocab_size"], cfg.num_behaviors)
+        except ValueError as e:
+            _fail(src, where("token_pairs"), str(e))
+        try:
+            opts = objective_options(values)
+        except ValueError as e:
+            _fail(src, where("loss_weights"), str(e))
+        z = jnp.zeros((1,))
+        for eps in _axis_or_base(cfg, "label_smoothing"):
+            ls = {"label_smoothing": eps} if takes_hparam(values["loss"], "label_smoothing") else {}
+            try:
+                objective_loss(opts["loss"], z, z, z, z, beta=_axis_or_base(cfg, "beta")[0],
+                               loss_weights=opts["loss_weights"], **opts["hparams"], **ls)
+            except ValueError as e:
+                _fail(src, where("loss"), f"loss = {values['loss']!r}: {str(e).splitlines()[0]}")
+
+
+def _cross_checks(cfg: SweepConfig) -> None:
     src, b, k = cfg.source, cfg.base, cfg.num_behaviors
     where = lambda name: f"grid.{name}" if name in cfg.grid else f"base.{name}"
     steps, rec = _axis_or_base(cfg, "steps"), _axis_or_base(cfg, "record_every")
@@ -391,9 +468,11 @@ def _cross_checks(cfg: SweepConfig) -> None:
             _fail(src, f"grid.{waxes[-1]}", f"every behaviour's weight is swept, so each combination must sum to 1; "
                   f"{list(combo)} sums to {total:.6g} — sweep K − 1 of them (the last is 1 − their sum)")
     ls_vals = _axis_or_base(cfg, "label_smoothing")
-    if any(e != 0 for e in ls_vals) and not any(uses_label_smoothing(l) for l in _axis_or_base(cfg, "loss")):
-        _fail(src, where("label_smoothing"), "label_smoothing applies to loss = cdpo or robust only; the sweep has "
-              "neither — remove label_smoothing or sweep one of those losses")
+    if any(e != 0 for e in ls_vals) and not any(takes_hparam(l, "label_smoothing") for l in _axis_or_base(cfg, "loss")):
+        _fail(src, where("label_smoothing"), "label_smoothing applies to loss = cdpo or robust only among the margin losses "
+              "(and exo_pair, cpo, simpo, aot, aot_unpaired); the sweep has none — remove label_smoothing or sweep one "
+              "of those losses")
+    _check_objectives(cfg, where)
     if cfg.base["mode"] != "population" and cfg.num_configs * cfg.seeds > 50_000_000:
         _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds is too many; shrink the grid")
 

@@ -45,12 +45,12 @@ def _layout(cfg: SweepConfig, spec: GroupSpec, params, keys):
     out["priority_gap"] = (("behavior", "behavior_other"), np.float32)
     if "population" in shapes:
         for m, s in shapes["population"].items():
-            out[f"population_{m}"] = (("step", "behavior") if len(s.shape) == 3 else ("step",), np.dtype(s.dtype))
+            out[f"population_{m}"] = (("step",) + _metric_tail(m), np.dtype(s.dtype))
     if "train" in shapes:
         for m, s in shapes["train"].items():
-            out[m] = (("seed", "split", "step", "behavior") if len(s.shape) == 4 else ("seed", "split", "step"),
-                      np.dtype(s.dtype))
-        out["cum_batch_mean_norm"] = (("seed", "step"), np.dtype(shapes["cum_batch_mean_norm"].dtype))
+            out[m] = (("seed", "split", "step") + _metric_tail(m), np.dtype(s.dtype))
+        if "cum_batch_mean_norm" in shapes:  # margin engine only
+            out["cum_batch_mean_norm"] = (("seed", "step"), np.dtype(shapes["cum_batch_mean_norm"].dtype))
         out["diverged"] = (("seed",), np.bool_)
     for name, tail in (("population_delta", ("step", "dim")), ("delta", ("seed", "step", "dim"))):
         if name in shapes:  # record_head
@@ -60,6 +60,17 @@ def _layout(cfg: SweepConfig, spec: GroupSpec, params, keys):
         if "train" not in shapes:
             out["diverged"] = ((), np.bool_)
     return out
+
+
+def _metric_tail(name: str) -> tuple:
+    """Dimensions of a metric after ``step``: ``behavior`` for ``behavior_*``, ``token`` for ``*probs``
+    (the vocabulary metrics, docs/sweeps.md)."""
+    return (("behavior",) if name.startswith("behavior_") else ()) + (("token",) if name.endswith("probs") else ())
+
+
+def _vocab_dim(cfg: SweepConfig) -> int:
+    """Size of the ``token`` axis: the sweep's largest vocabulary size V (NaN past a group's own V)."""
+    return max(cfg.grid["vocab_size"] if "vocab_size" in cfg.grid else [cfg.base.get("vocab_size", 2)])
 
 
 def _head_dim(cfg: SweepConfig) -> int:
@@ -84,7 +95,8 @@ def _make_template(cfg: SweepConfig, plan: Plan, layout: dict):
                    "behavior": np.asarray(names), "behavior_other": np.asarray(names)})
     sizes = {dim_name(axis): len(v) for axis, v in cfg.grid.items()}
     sizes.update({"seed": cfg.seeds, "split": 2, "step": len(plan.steps), "behavior": len(names),
-                  "behavior_other": len(names), "chunk": len(plan.chunks), "dim": _head_dim(cfg)})
+                  "behavior_other": len(names), "chunk": len(plan.chunks), "dim": _head_dim(cfg),
+                  "token": _vocab_dim(cfg)})
     grid_dims = tuple(dim_name(a) for a in cfg.grid)
     data_vars, encoding = {}, {}
     for name, (tail, dtype) in layout.items():
@@ -125,6 +137,9 @@ def _assemble(cfg: SweepConfig, spec: GroupSpec, plan: Plan, out: dict, n_valid:
 
     def put(name, value, step_axis=None):
         value = np.asarray(value)[:n_valid]
+        if name.endswith("probs") and value.shape[-1] < _vocab_dim(cfg):  # the token axis, NaN past this V
+            pad = [(0, 0)] * (value.ndim - 1) + [(0, _vocab_dim(cfg) - value.shape[-1])]
+            value = np.pad(value, pad, constant_values=np.nan)
         if step_axis is not None and not full_steps:
             shape = list(value.shape)
             shape[step_axis] = len(plan.steps)
@@ -149,7 +164,8 @@ def _assemble(cfg: SweepConfig, spec: GroupSpec, plan: Plan, out: dict, n_valid:
     if "train" in out:
         for m in out["train"]:
             put(m, np.stack([np.asarray(out["train"][m]), np.asarray(out["eval"][m])], axis=2), step_axis=3)
-        put("cum_batch_mean_norm", out["cum_batch_mean_norm"], step_axis=2)
+        if "cum_batch_mean_norm" in out:
+            put("cum_batch_mean_norm", out["cum_batch_mean_norm"], step_axis=2)
         put("diverged", out["diverged"])
     elif "population" in out:
         put("diverged", out["population_diverged"])

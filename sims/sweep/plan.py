@@ -15,8 +15,8 @@ from dynamics import chunking
 
 from ..cli import UsageError
 from ..store import available_memory
-from .config import SweepConfig, _split_axis
-from .schema import STATIC_FIELDS
+from .config import SweepConfig, _split_axis, objective_options
+from .schema import STATIC_FIELDS, parse_token_pairs
 
 
 # --------------------------------------------------------------------------- planning
@@ -46,10 +46,30 @@ class GroupSpec:
     record_head: bool = False  # keep δ_t (the base field record_head)
     zero_head: bool = False  # every configuration starts from the zero head = reference (the engine then
     #                          skips the head's projections; else it cannot tell under tracing)
+    vocab_size: int = 2  # V, the head's rows
+    token_pairs: tuple | None = None  # one (a_k, b_k) per behaviour (None: (0, 1) for all)
+    loss_weights: tuple | None = None  # weights of a combined loss 'a+b'
+    hparams: tuple = ()  # (name, value) of the objective's hyper-parameters that differ from its defaults
 
     @property
     def num_records(self) -> int:
         return self.steps // self.record_every + 1
+
+    @property
+    def objective(self):
+        """The ``loss`` of :func:`dynamics.trajectories`: a name, or a list for a combined loss ``'a+b'``."""
+        names = self.loss.split("+")
+        return names[0] if len(names) == 1 else names
+
+    @property
+    def vocab(self) -> bool:
+        """Whether the group runs the vocabulary layers (an objective other than the margin losses, V > 2,
+        per-behaviour token pairs, or a hyper-parameter off its default; docs/sweeps.md)."""
+        from dynamics.losses import LOSSES
+
+        pairs = self.token_pairs is not None and any(p != (0, 1) for p in self.token_pairs)
+        return (self.loss not in LOSSES or self.vocab_size > 2 or pairs or bool(self.hparams)
+                or self.loss_weights is not None)
 
 
 @dataclasses.dataclass
@@ -108,6 +128,7 @@ def _sweeps_value_other_than(cfg: SweepConfig, name: str, value: float) -> bool:
 
 
 def _group_spec(cfg: SweepConfig, values: dict) -> GroupSpec:
+    opts = objective_options(values)
     return GroupSpec(mode=cfg.base["mode"], kind=cfg.base["distribution"], num_behaviors=cfg.num_behaviors,
                      d=values["d"], loss=values["loss"], optimizer=values["optimizer"], method=values["method"],
                      n=values["n"], n_eval=values["n_eval"], batch_size=values["batch_size"],
@@ -116,7 +137,11 @@ def _group_spec(cfg: SweepConfig, values: dict) -> GroupSpec:
                      loss_weight=_sweeps_value_other_than(cfg, "loss_weight", 1.0),
                      record_head=bool(cfg.base.get("record_head", False)),
                      zero_head=all(v == 0 for name in ("aligned_head_norm", "init_offset")
-                                   for v in cfg.grid.get(name, [cfg.base[name]])))
+                                   for v in cfg.grid.get(name, [cfg.base[name]])),
+                     vocab_size=values.get("vocab_size", 2),
+                     token_pairs=parse_token_pairs(values.get("token_pairs", ""), values.get("vocab_size", 2),
+                                                   cfg.num_behaviors),
+                     loss_weights=opts["loss_weights"], hparams=tuple(sorted(opts["hparams"].items())))
 
 
 def _static_combos(cfg: SweepConfig):
@@ -248,7 +273,8 @@ def _fmt_bytes(n: float) -> str:
 def _store_bytes(cfg: SweepConfig, plan: Plan, layout: dict) -> int:
     """Uncompressed bytes of the store's variables (the disk use is at most about this)."""
     k = cfg.num_behaviors
-    sizes = {"seed": cfg.seeds, "split": 2, "step": len(plan.steps), "behavior": k, "behavior_other": k}
+    sizes = {"seed": cfg.seeds, "split": 2, "step": len(plan.steps), "behavior": k, "behavior_other": k,
+             "token": max(cfg.grid.get("vocab_size", [cfg.base.get("vocab_size", 2)]))}
     total = 0
     for tail, dtype in layout.values():
         total += cfg.num_configs * int(np.prod([sizes[d] for d in tail], dtype=np.int64)) * np.dtype(dtype).itemsize

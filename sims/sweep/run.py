@@ -39,15 +39,16 @@ def _check_program(cfg: SweepConfig, spec0: GroupSpec, params0, keys) -> dict:
     Raises:
       UsageError: one line naming the family, what it returned and what was expected.
     """
-    specs = {spec0.family: spec0}
-    for combo in _static_combos(cfg):
-        specs.setdefault(combo.family, combo)
+    specs = {(spec0.family, spec0.vocab): spec0}
+    for combo in _static_combos(cfg):  # one of every family, and of each engine (margin, vocabulary)
+        specs.setdefault((combo.family, combo.vocab), combo)
     spec = spec0  # the one being checked, for the messages
     try:
         layout = _layout(cfg, spec0, params0, keys)
         for spec in specs.values():
             if spec is not spec0:
-                _layout(cfg, spec, params0, keys)
+                more = _layout(cfg, spec, params0, keys)
+                layout.update({k: v for k, v in more.items() if k not in layout})  # the union of the groups' variables
             if spec.family != "gaussian":
                 _check_concrete_sample(cfg, spec, params0)
     except UsageError:

@@ -27,6 +27,18 @@ SPLITS = ("train", "eval")
 TOP_KEYS = ("name", "description", "seeds", "seed", "base", "grid", "reproduce", "study")
 #: dynamics.LOSSES (TRL loss_type names) and dynamics._train.OPTIMIZERS, without importing JAX
 LOSS_NAMES = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
+#: dynamics.losses.OBJECTIVE_NAMES (every objective of the registry), without importing JAX
+OBJECTIVE_NAMES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "cpo",
+                   "simpo", "orpo", "kto", "apo_zero_unpaired", "dpop", "beta_dpo")
+#: the ``loss`` choices: the margin losses first, then the other objectives
+LOSS_CHOICES = LOSS_NAMES + tuple(n for n in OBJECTIVE_NAMES if n not in LOSS_NAMES)
+#: dynamics.losses.F_DIVERGENCES (TRL's ``f_divergence_type``)
+F_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: the objectives' hyper-parameters the sweep sets (``None``: the objective's default); each is
+#: passed only to the objectives that take it (``dynamics.get_objective(name).hparams``)
+OBJECTIVE_HPARAMS = ("rpo_alpha", "cpo_alpha", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef",
+                     "dpop_lambda", "discopop_tau", "bco_delta")
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam")
 #: the ``--compile`` choices (dynamics.chunking.COMPILE_MODES)
 COMPILE_MODES = ("auto", "fast", "optimized")
@@ -67,7 +79,24 @@ RENAMED_KEYS = {"eps": "label_smoothing"}
 FIELDS = {f.name: f for f in (
     Field("mode", "str", "both", "base", "what to run: population (analytic, N → ∞), empirical "
           "(finite samples, per seed) or both", choices=MODES),
-    Field("loss", "str", "sigmoid", "static", "preference loss (TRL loss_type)", choices=LOSS_NAMES),
+    Field("loss", "str", "sigmoid", "static", "objective (TRL loss_type, or CPO/SimPO/ORPO/KTO/DPOP/RPO/β-DPO); "
+          "'a+b' combines objectives with loss_weights. The margin losses with vocab_size = 2 run the paper's "
+          "engine, the others the vocabulary layers (docs/theory.md §7, §8)", choices=LOSS_CHOICES),
+    Field("loss_weights", "str", "", "static", "weights of a combined loss 'a+b' as 'w_a,w_b' (TRL loss_weights); "
+          "'' = all 1"),
+    Field("vocab_size", "int", 2, "static", "answer vocabulary size V of the head (V > 2 runs the vocabulary "
+          "layers)", low=2),
+    Field("token_pairs", "str", "", "static", "chosen/rejected token pair of each behaviour as 'a_0,b_0;a_1,b_1;…' "
+          "(tokens in [0, V)); '' = every behaviour (0,1)"),
+    Field("rpo_alpha", "float", None, "static", "RPO's NLL weight α (loss rpo)", low=0.0),
+    Field("cpo_alpha", "float", None, "static", "CPO/SimPO's NLL weight (loss cpo, simpo)", low=0.0),
+    Field("simpo_gamma", "float", None, "static", "SimPO's target reward margin γ (loss simpo)", low=0.0),
+    Field("f_divergence_type", "str", None, "static", "TRL's f-divergence of the log-ratios (DPOTrainer losses)",
+          choices=F_DIVERGENCE_NAMES),
+    Field("f_alpha_divergence_coef", "float", None, "static", "α of f_divergence_type = alpha_divergence"),
+    Field("dpop_lambda", "float", None, "static", "DPOP's penalty λ (loss dpop)", low=0.0),
+    Field("discopop_tau", "float", None, "static", "DiscoPOP's temperature τ (loss discopop)", low=0.0, low_open=True),
+    Field("bco_delta", "float", None, "static", "BCO's reward shift δ (loss bco_pair)"),
     Field("beta", "float", 1.0, "dynamic", "β of the loss", low=0.0, low_open=True),
     Field("label_smoothing", "float", 0.0, "dynamic", "label smoothing ε for cdpo / robust", low=0.0, high=0.5, high_open=True),
     Field("optimizer", "str", "sgd", "static", "optimizer on the head W", choices=OPTIMIZER_NAMES),
@@ -142,6 +171,15 @@ def _type_name(v):
 def _check_scalar(source, where, field: Field, value):
     """Type and range check of one scalar value; returns it canonicalised."""
     kind = field.kind
+    if value is None and field.default is None and field.name in OBJECTIVE_HPARAMS:
+        return None
+    if field.name == "loss" and isinstance(value, str) and "+" in value:  # a combined objective 'a+b'
+        parts = value.split("+")
+        for part in parts:
+            _check_scalar(source, where, dataclasses.replace(field, name="loss part"), part)
+        if len(set(parts)) != len(parts):
+            _fail(source, where, f"loss {value!r} repeats an objective; list each once")
+        return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, where, f"expected a number, got {_type_name(value)} {value!r}; write e.g. {where.split('.')[-1].split('[')[0]} = 0.5")
@@ -235,7 +273,7 @@ def fields_help(fields) -> str:
     """
     lines = []
     for f in fields:
-        default = "uniform" if f.default is None else json.dumps(f.default)
+        default = _default_text(f, f.default)
         role = {"static": "static, sweepable", "dynamic": "sweepable", "base": "base only"}[f.role]
         if f.family:
             role += f", family {f.family} only"
@@ -243,6 +281,41 @@ def fields_help(fields) -> str:
         choices = f" {{{', '.join(f.choices)}}}" if f.choices else ""
         lines.append(f"  {f.name:<19} {f.kind}{extra}{choices} = {default}; {role}. {f.help}")
     return "\n".join(lines)
+
+
+def _default_text(field: Field, default) -> str:
+    if default is None:
+        return "the objective's default" if field.name in OBJECTIVE_HPARAMS else "uniform"
+    return json.dumps(default)
+
+
+def parse_token_pairs(text: str, vocab_size: int, num_behaviors: int) -> tuple | None:
+    """``'a_0,b_0;a_1,b_1'`` → ``((a_0, b_0), (a_1, b_1))`` checked against V and K; ``''`` → ``None``.
+
+    One pair is used by every behaviour. Raises ValueError naming ``token_pairs`` and the fix.
+    """
+    if not text.strip():
+        return None
+    pairs = []
+    for k, item in enumerate(text.split(";")):
+        parts = item.split(",")
+        try:
+            a, b = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"token_pairs: pair {k} is {item.strip()!r}; write two token indices 'a,b' per behaviour, "
+                             "separated by ';' (e.g. '0,1;1,2')") from None
+        if not (0 <= a < vocab_size and 0 <= b < vocab_size):
+            raise ValueError(f"token_pairs: pair {k} ({a},{b}) names a token outside the vocabulary [0, V={vocab_size}); "
+                             f"use tokens in [0, {vocab_size}) or raise vocab_size")
+        if a == b:
+            raise ValueError(f"token_pairs: pair {k} ({a},{b}) has chosen = rejected; pass two different tokens")
+        pairs.append((a, b))
+    if len(pairs) == 1 and num_behaviors > 1:
+        pairs = pairs * num_behaviors
+    if len(pairs) != num_behaviors:
+        raise ValueError(f"token_pairs gives {len(pairs)} pairs but there are K = {num_behaviors} behaviours; give one "
+                         "pair per behaviour (or one for all)")
+    return tuple(pairs)
 
 
 def _range_text(field: Field) -> str:
@@ -278,6 +351,13 @@ def _argparse_type(field: Field, flag: str):
     return parse
 
 
+class _Combinable(tuple):
+    """The ``loss`` choices for argparse: a name, or names joined by ``+`` (a combined objective)."""
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and all(tuple.__contains__(self, part) for part in value.split("+"))
+
+
 def add_arguments(parser, fields, *, defaults: dict | None = None) -> None:
     """Add one ``--NAME`` flag per :class:`Field` to an argparse parser (or argument group).
 
@@ -303,7 +383,7 @@ def add_arguments(parser, fields, *, defaults: dict | None = None) -> None:
     for f in records:
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
-        shown = "uniform" if default is None else json.dumps(default)
+        shown = _default_text(f, default)
         help_text = f"{f.help} (default {shown}".replace("%", "%%")
         if f.kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
@@ -312,7 +392,7 @@ def add_arguments(parser, fields, *, defaults: dict | None = None) -> None:
         kwargs = {"dest": f.name, "default": default, "type": _argparse_type(f, flag),
                   "help": help_text + (f"; {_range_text(f).strip()}" if _range_text(f) else "") + ")"}
         if f.choices:
-            kwargs["choices"] = f.choices
+            kwargs["choices"] = _Combinable(f.choices) if f.name == "loss" else f.choices
             kwargs["metavar"] = "{" + ",".join(f.choices) + "}"
         if f.per_behavior:
             kwargs["nargs"] = "+"
