@@ -246,9 +246,10 @@ def _check_dist(dist):
     return as_default_float(dist.validate() if is_concrete(dist) else dist)
 
 
-@partial(jax.jit, static_argnums=2)
-def _sample_jit(dist, key, n: int):
-    return dist.sample(key, n)
+@partial(jax.jit, static_argnums=(3, 4))
+def _sample_splits(dist, key_train, key_eval, n: int, n_eval: int):
+    """The training and held-out samples, compiled once per ``(dist structure, n, n_eval)``."""
+    return dist.sample(key_train, n), dist.sample(key_eval, n_eval)
 
 
 def sequence_empirical_trajectory(dist, key, *, head: Head, loss_type="sigmoid", beta=1.0, lr=0.1, steps: int = 100,
@@ -288,8 +289,7 @@ def sequence_empirical_trajectory(dist, key, *, head: Head, loss_type="sigmoid",
     _check_head(head, k, dist.dim)
     table = dist.sequence_tokens(head)
     key_train, key_eval, key_batch = jax.random.split(key, 3)
-    train = _sample_jit(dist, key_train, n)
-    held_out = _sample_jit(dist, key_eval, n_eval)
+    train, held_out = _sample_splits(dist, key_train, key_eval, n, n_eval)
     traced, static = _split_hparams(hparams)
     lw = None if loss_weights is None else jnp.asarray(loss_weights, jnp.result_type(float))
     return _train(train, held_out, table, key_batch, head.w_ref, head.w_init, beta, 0.0 if lr is None else lr, lw,
@@ -360,7 +360,8 @@ def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hpara
             per = sequence_pair_metrics(dd["xc"] @ w.T, dd["xr"] @ w.T, dd["lrc"], dd["lrr"], dd["yc"], dd["yr"],
                                         beta=beta, logits0_r=dd["l0r"], x_c=dd["xc"], x_r=dd["xr"])
             per["loss"] = ell
-            per["displacement"] = (per["logps/chosen"] < dd["c0"]).astype(dtype)
+            tol = 1e-12 * (1.0 + jnp.abs(dd["c0"]))  # rounding at W = W_0 is not displacement
+            per["displacement"] = (per["logps/chosen"] < dd["c0"] - tol).astype(dtype)
             out[name] = ({m: _behavior_mean(v, dd["beh"], k) for m, v in per.items()}, jnp.mean(ell),
                          jnp.sqrt(jnp.sum(g * g)))
         return t, out, w
