@@ -467,8 +467,35 @@ def _value_qmc(prob, dist, table, w, w_ref, beta, thp, xi):
     return jnp.sum(comps.weight * vals), vals
 
 
+def _margin_value_grad(prob, dist, table, w, w_ref, beta, thp):
+    """Exact margin-only value ``(J,)`` and gradient ``(J, V, d)`` at ρ = 1 (docs/theory.md §9.2, §3.1).
+
+    ``h = δ_cᵀ x``, ``δ_c = Σ_t (ΔW_{y⁺_t} − ΔW_{y⁻_t})``, ``x ~ N(μ_c, S_c)``: ``E ℓ(h)`` by the 1-D integrals of
+    :func:`dynamics.losses.expected_loss_terms` and ``∇_W E ℓ(h) = ρ_c ⊗ (μ_c E ℓ' + S_c δ_c E ℓ'')`` with
+    ``ρ_c = Σ_t (e_{y⁺_t} − e_{y⁻_t})`` (Stein's lemma).
+    """
+    from .losses import expected_loss_terms, uses_label_smoothing
+    from .reduced import safe_sqrt
+
+    comps, mean_x, yc, yr = _components_seq(dist, table)
+    dw = w - w_ref
+    delta = jnp.sum(dw[yc] - dw[yr], axis=1)  # (J, d)
+    mu = jnp.einsum("ci,ci->c", delta, mean_x)
+    sigma = safe_sqrt(jnp.einsum("ci,cij,cj->c", delta, comps.cov, delta))
+    hp = dict(prob.static_hp, **thp)
+    ls = hp.get("label_smoothing", 0.0) if uses_label_smoothing(prob.margin) else 0.0
+    e_l, e_l1, e_l2 = expected_loss_terms(prob.margin, mu, sigma, beta, ls)
+    g = mean_x * e_l1[:, None] + jnp.einsum("cij,cj->ci", comps.cov, delta) * e_l2[:, None]
+    v = w.shape[0]
+    rows = jnp.sum(jax.nn.one_hot(yc, v, dtype=w.dtype) - jax.nn.one_hot(yr, v, dtype=w.dtype), axis=1)  # (J, V)
+    return comps, e_l, jnp.einsum("cv,ci->cvi", rows, g)
+
+
 def _value_grad(prob, dist, table, w, w_ref, beta, thp, xi, wt):
-    """``(L_total, ∇_W L_total, per-component values)`` by either rule."""
+    """``(L_total, ∇_W L_total, per-component values)`` by the method's rule."""
+    if prob.method == "margin":
+        comps, vals, grads = _margin_value_grad(prob, dist, table, w, w_ref, beta, thp)
+        return jnp.sum(comps.weight * vals), jnp.einsum("c,cvi->vi", comps.weight, grads), vals
     if prob.method == "qmc":
         (total, vals), grad = jax.value_and_grad(_value_qmc, argnums=3, has_aux=True)(
             prob, dist, table, w, w_ref, beta, thp, xi)
@@ -535,7 +562,7 @@ def _metrics_pop(prob, dist, table, w, w_ref, w0, beta, thp, rule, mrule):
         return {key: jnp.tensordot(wt_m, val, axes=(0, 0)) for key, val in per.items()}
 
     per_c = jax.vmap(one)(mean_x, comps.cov, yc, yr)
-    if prob.method == "cubature":
+    if prob.method != "qmc":
         # exact at ρ = 1: the margin h = δ_cᵀ x, δ_c = Σ_t (ΔW_{y⁺_t} − ΔW_{y⁻_t}), ΔW = W − W_ref, is linear in x
         from .reduced import prob_positive, safe_sqrt
 
@@ -561,11 +588,13 @@ def sequence_population_trajectory(dist, *, head: Head, loss_type="sigmoid", bet
       dist: a :class:`SequencePreference` (concrete ρ). head: :class:`dynamics.Head`.
       loss_type, beta, lr, steps, optimizer, record_every, loss_weights, hparams: as
         :func:`dynamics.vocab_population.vocab_population_trajectory` (per-pair objectives only).
-      method: ``"cubature"`` (``ρ = 1`` only: every context is ``x``, so the objective is a function of
+      method: ``"margin"`` (``ρ = 1`` and a margin-only objective, ``objective_margin_loss`` not None: the
+        margin is linear in ``x`` and the value and gradient are the exact 1-D integrals of docs/theory.md
+        §3), ``"cubature"`` (``ρ = 1`` only: every context is ``x``, so the objective is a function of
         ``(W x, W_ref x)`` and the Gauss–Hermite rule of docs/theory.md §7.4 integrates it, gradient by
         Stein's lemma), ``"qmc"`` (any ρ: a fixed scrambled-Sobol rule of ``qmc_points`` nodes in the
         ``(2L + 1) d`` standard normals of §9.1, the same nodes at every step, gradient by autodiff of
-        the rule), or ``"auto"`` (cubature at ρ = 1, else qmc).
+        the rule), or ``"auto"`` (at ρ = 1 margin when it applies, else cubature; qmc below).
       cubature_order: Gauss–Hermite points per dimension (cubature). qmc_points, qmc_seed: the QMC rule
         (a power of two; the seed picks the scramble — compare seeds to estimate the error).
 
@@ -574,31 +603,36 @@ def sequence_population_trajectory(dist, *, head: Head, loss_type="sigmoid", bet
       per behaviour; ``ches`` in closed form, ``−L (1 − ρ) tr S_c``), ``loss`` and ``displacement``.
 
     Raises:
-      ValueError: ``method="cubature"`` at ρ < 1, a batch-level objective, a traced ρ, and the errors of
+      ValueError: ``method="margin"``/``"cubature"`` at ρ < 1, ``"margin"`` for an objective that is not
+        margin-only, a batch-level objective, a traced ρ, and the errors of
         :func:`dynamics.vocab_population.vocab_population_trajectory`.
 
     Source: docs/theory.md §9.4 (where exactness ends), §7.2–§7.4 (cubature and Stein gradient).
     """
-    from .losses import get_objective
-    from .population import as_default_float
+    from .losses import get_objective, objective_margin_loss
     from .vocab_population import _objective_info, _ref_or_zeros, _rule, image_rank
 
-    check_choice("method", method, ("auto", "cubature", "qmc"))
+    check_choice("method", method, ("auto", "margin", "cubature", "qmc"))
     steps, record_every = check_schedule(steps, record_every, lr, optimizer)
     dist = _check_dist(dist)
     if not is_concrete(dist.rho):
         raise ValueError("dist.rho is traced; the population layer picks its rule from ρ: pass a concrete ρ")
     rho = float(dist.rho)
-    if method == "auto":
-        method = "cubature" if rho == 1.0 else "qmc"
-    if method == "cubature" and rho != 1.0:
-        raise ValueError(f"method='cubature' needs rho = 1 (every context is x), got rho = {rho}; use method='qmc'")
     names = _objective_info(loss_type)
     loss_type = _static_loss_type(loss_type)
-    has_ref = head is not None and getattr(head, "w_ref", None) is not None
-    _validate_objective(loss_type, beta, loss_weights, hparams, has_ref)
-    k, d, v = dist.num_behaviors, dist.dim, head.vocab_size
+    k, d = dist.num_behaviors, dist.dim
     _check_head(head, k, d)
+    v = head.vocab_size
+    has_ref = head.w_ref is not None
+    _validate_objective(loss_type, beta, loss_weights, hparams, has_ref)
+    margin = objective_margin_loss(names[0], lengths=_lengths_arg(dist.length), **hparams) if len(names) == 1 else None
+    if method == "auto":
+        method = ("margin" if margin is not None else "cubature") if rho == 1.0 else "qmc"
+    if method in ("margin", "cubature") and rho != 1.0:
+        raise ValueError(f"method={method!r} needs rho = 1 (every context is x), got rho = {rho}; use method='qmc'")
+    if method == "margin" and margin is None:
+        raise ValueError(f"method='margin' needs a margin-only loss_type (e.g. 'sigmoid', 'ipo'), got {loss_type!r}; "
+                         "use method='cubature'")
     table = dist.sequence_tokens(head)
     thp, static = _split_hparams(hparams)
     lw = None if loss_weights is None else tuple(float(x) for x in np.asarray(loss_weights).reshape(-1))
@@ -606,7 +640,7 @@ def sequence_population_trajectory(dist, *, head: Head, loss_type="sigmoid", bet
     dtype = dist.base.mu_pos.dtype
     w_ref = _ref_or_zeros(head, dtype)
     w0 = head.w_init.astype(dtype)
-    if method == "cubature":
+    if method in ("margin", "cubature"):
         r_obj = image_rank(w_ref, d) if needs_ref else max(1, min(v - 1, d))
         rule = _rule(r_obj, cubature_order, dtype)
         cen = [np.asarray(h) - np.asarray(h).mean(0) for h in (w_ref, w0)]
@@ -621,7 +655,7 @@ def sequence_population_trajectory(dist, *, head: Head, loss_type="sigmoid", bet
         rule = (xi, None)
         mrule = (xi, jnp.full((qmc_points,), 1.0 / qmc_points, dtype))
     prob = _SeqProblem(loss_type=loss_type, loss_weights=lw, static_hp=static, needs_reference=needs_ref,
-                       has_reference=has_ref, method=method, lengths=_lengths_arg(dist.length))
+                       has_reference=has_ref, method=method, lengths=_lengths_arg(dist.length), margin=margin)
     out = _pop_trajectory(prob, dist, table, w_ref, w0, jnp.asarray(beta, dtype), jnp.asarray(0.0 if lr is None
                           else lr, dtype), thp, rule, mrule, optimizer=optimizer, steps=steps,
                           record_every=record_every)

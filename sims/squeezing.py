@@ -94,14 +94,18 @@ def run_part_c(quick: bool, out_dir) -> dict:
               "displacement": "displacement", "logps/chosen": "logps_chosen_change", "ches": "ches"}
     numbers = {split: {rename[k]: np.asarray(vals).round(6).tolist() for k, vals in d.items()}
                for split, d in res.items()}
-    corr = {}
-    for split, d in res.items():
-        c, disp = np.asarray(d["ches"]).ravel(), np.asarray(d["displacement"]).ravel()
-        corr[split] = float(spearmanr(c, disp).statistic) if np.ptp(c) > 0 and np.ptp(disp) > 0 else float("nan")
+    def rank_corr(c, disp):
+        c, disp = np.ravel(c), np.ravel(disp)
+        return float(spearmanr(c, disp).statistic) if np.ptp(c) > 0 and np.ptp(disp) > 0 else None
+
+    # Razin et al.'s prediction: higher CHES, more displacement (pooled over (V, ρ), and across ρ within each V)
+    corr = {split: rank_corr(d["ches"], d["displacement"]) for split, d in res.items()}
+    within = {split: [rank_corr(c, disp) for c, disp in zip(d["ches"], d["displacement"])] for split, d in res.items()}
     fig_path = out_dir / "displacement_c.png"
     _figure(numbers, fig_path)
     return {"rho": list(RHOS), "vocab_size": list(VOCAB_SIZES), "length": LENGTH, "dim": DIM, "steps": steps, "n": n,
-            "loss_type": "sigmoid", "split": numbers, "ches_displacement_spearman": corr, "figure": str(fig_path)}
+            "loss_type": "sigmoid", "split": numbers, "ches_displacement_spearman": corr,
+            "ches_displacement_spearman_within_v": within, "figure": str(fig_path)}
 
 
 def _figure(numbers: dict, path: Path) -> None:

@@ -111,7 +111,7 @@ def test_sequence_objective_and_gradient_vs_numpy(rng, loss_type):
 
 
 # --------------------------------------------------------------------------------------- population layer
-def test_qmc_rule_matches_the_exact_cubature_at_rho_one(rng):
+def test_qmc_and_margin_rules_match_the_cubature_at_rho_one(rng):
     dist, head = _setup(rng, k=1, d=2, v=3, length=2, rho=1.0)
     kw = dict(head=head, loss_type="sigmoid", beta=1.0, lr=0.5, steps=2)
     exact = sq.sequence_population_trajectory(dist, method="cubature", **kw)
@@ -120,6 +120,11 @@ def test_qmc_rule_matches_the_exact_cubature_at_rho_one(rng):
     for name in ("loss", "logps/chosen", "logps/rejected", "entropy", "kl", "squeeze/argmax_prob"):
         np.testing.assert_allclose(qmc.metrics[name], exact.metrics[name], rtol=0, atol=2e-3, err_msg=name)
     np.testing.assert_allclose(qmc.w, exact.w, rtol=0, atol=2e-3)
+    # a margin-only objective at ρ = 1: the exact 1-D integrals (method="margin", auto) vs the cubature
+    margin = sq.sequence_population_trajectory(dist, **kw)
+    np.testing.assert_allclose(margin.w, exact.w, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(margin.loss_total, exact.loss_total, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(margin.grad_norm, exact.grad_norm, rtol=0, atol=1e-9)
 
 
 @pytest.mark.slow  # N = 1e5 pairs of 2 positions: ~30 s on the loaded CI machine
@@ -148,7 +153,8 @@ def test_population_vs_empirical_at_large_n(rng):
 
 def test_expected_ches_closed_form_vs_monte_carlo(rng):
     dist, _ = _setup(rng, k=2, d=3, length=3, rho=0.3)
-    xc, xr, s, beh = (np.asarray(a) for a in dist.sample(jax.random.key(5), 200_000))
+    sample = jax.jit(lambda key: dist.sample(key, 100_000))  # compiled: eager sampling dispatches op by op
+    xc, xr, s, beh = (np.asarray(a) for a in sample(jax.random.key(5)))
     hc, hr = xc.sum(1), xr.sum(1)
     ches = (hc * hr).sum(-1) - (hc * hc).sum(-1)
     want = np.asarray(sq.expected_ches(dist))
@@ -219,5 +225,8 @@ def test_bad_input_one_line_errors(rng):
         sq.sequence_population_trajectory(dist, head=dd.Head.zeros(3, 3), method="cubature", steps=1)
     with pytest.raises(ValueError, match="method"):
         sq.sequence_population_trajectory(dist, head=dd.Head.zeros(3, 3), method="cubatur", steps=1)
+    shared = sq.SequencePreference.create(base, length=1, rho=1.0)
+    with pytest.raises(ValueError, match="margin-only"):
+        sq.sequence_population_trajectory(shared, head=dd.Head.zeros(3, 3), method="margin", loss_type="sft", steps=1)
     with pytest.raises(ValueError, match="SequencePreference"):
         sq.sequence_empirical_trajectory(base, jax.random.key(0), head=dd.Head.zeros(3, 3), steps=1)
