@@ -230,3 +230,22 @@ def test_bad_input_one_line_errors(rng):
         sq.sequence_population_trajectory(shared, head=dd.Head.zeros(3, 3), method="margin", loss_type="sft", steps=1)
     with pytest.raises(ValueError, match="SequencePreference"):
         sq.sequence_empirical_trajectory(base, jax.random.key(0), head=dd.Head.zeros(3, 3), steps=1)
+
+
+# ------------------------------------------------------------------------------------------- study part (c)
+@pytest.mark.slow  # three compilations (one per V): ~30 s idle, ~100 s on the loaded CI machine
+def test_run_part_c_quick(tmp_path):
+    import json
+
+    from sims.squeezing import RHOS, VOCAB_SIZES, run_part_c
+
+    out = run_part_c(True, tmp_path)
+    json.dumps(out)  # serialisable
+    assert (tmp_path / "displacement_c.png").stat().st_size > 0
+    for split in ("train", "eval"):
+        d = out["split"][split]
+        assert np.shape(d["squeeze_argmax_change"]) == (len(VOCAB_SIZES), len(RHOS))
+        # CHES is the closed form −L (1 − ρ) tr S (tr S = d/2 here) within sampling error
+        want = -out["length"] * (1 - np.asarray(RHOS)) * out["dim"] / 2
+        np.testing.assert_allclose(d["ches"], np.broadcast_to(want, (3, 3)), rtol=0, atol=1.5)
+        assert np.all(np.asarray(d["squeeze_argmax_change"]) > 0)  # squeezing at every (V, ρ)
