@@ -301,12 +301,16 @@ def sequence_empirical_trajectory(dist, key, *, head: Head, loss_type="sigmoid",
                                    "record_every", "batch_size", "lengths"))
 def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hparams, *, loss_type, static_hparams,
            num_behaviors, optimizer, steps, record_every, batch_size, lengths):
+    import equinox as eqx
     import optax
 
     dtype = jnp.result_type(train[0].dtype, float)
     k = num_behaviors
     beta = jnp.asarray(beta, dtype)
     lr = jnp.asarray(lr, dtype)
+    beta = eqx.error_if(beta, ~(beta > 0), "beta must be > 0 (a value under jit/vmap was <= 0 or NaN); pass beta > 0")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        lr = eqx.error_if(lr, ~(lr > 0), "lr must be > 0 (a value under jit/vmap was <= 0 or NaN); pass lr > 0")
     w0 = w0.astype(dtype)
     w_ref = None if w_ref is None else w_ref.astype(dtype)
     opt = make_optimizer(optimizer, lr)

@@ -151,6 +151,21 @@ def test_population_vs_empirical_at_large_n(rng):
     np.testing.assert_allclose(pop.w, emp.w, rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow  # two cubature compilations: ~40 s on the loaded CI machine
+def test_population_single_position_shared_context_is_the_vocab_population_layer(rng):
+    base = random_dist(rng, 2, 2)
+    head = dd.Head.create(rng.normal(size=(3, 2)) * 0.3, pairs=[(0, 1), (2, 0)])
+    dist = sq.SequencePreference.create(base, length=1, rho=1.0)
+    for loss_type in ("sigmoid", "apo_zero"):  # the exact 1-D margin path, and the cubature
+        kw = dict(head=head, loss_type=loss_type, beta=0.7, lr=0.3, steps=3)
+        got = sq.sequence_population_trajectory(dist, **kw)
+        want = dd.vocab_population_trajectory(base, **kw)
+        np.testing.assert_allclose(got.w, want.w, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got.loss_total, want.loss_total, rtol=0, atol=1e-10)
+        for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "kl"):
+            np.testing.assert_allclose(got.metrics[name], want.metrics[name], rtol=0, atol=1e-8, err_msg=name)
+
+
 def test_expected_ches_closed_form_vs_monte_carlo(rng):
     dist, _ = _setup(rng, k=2, d=3, length=3, rho=0.3)
     sample = jax.jit(lambda key: dist.sample(key, 100_000))  # compiled: eager sampling dispatches op by op
