@@ -29,6 +29,8 @@ from .population import (
 from .vocab import (VocabTrajectory, logp_change_decomposition, pair_tokens, per_pair_metrics, sft_then_dpo,
                     vocab_empirical_trajectory)  # V-token empirical layer (docs/theory.md §7)
 from .vocab_population import vocab_population_trajectory  # V-token population layer (docs/theory.md §7)
+from .sequence import (SequencePreference, sequence_empirical_trajectory, sequence_logp_change_decomposition,
+                       sequence_pair_metrics, sequence_population_trajectory)  # L-position responses (§9)
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,6 @@ __all__ = [
     "trajectories", "FallbackWarning",
     "vocab_population_trajectory", "vocab_empirical_trajectory", "VocabTrajectory", "per_pair_metrics",
     "pair_tokens", "sft_then_dpo", "logp_change_decomposition",
+    "SequencePreference", "sequence_empirical_trajectory", "sequence_population_trajectory", "sequence_pair_metrics",
+    "sequence_logp_change_decomposition",
 ]
