@@ -63,7 +63,8 @@ CONFIG = {
     "sft_lr": 0.5,
     "dpo_steps": 120,
     "dpo_lr": 0.3,  # η at β ≤ 1; η / β above (the objectives' gradients in W scale with β)
-    "lr_scale": {"ipo": 0.1, "dpop": 0.05},  # curvature in W that does not shrink with β (ipo) or is ×(1+λ)² (dpop)
+    "lr_scale": {"ipo": 0.1, "dpop": 0.05},
+    "hparams": {"exo_pair": {"label_smoothing": 1e-3}},  # TRL raises for exo_pair at ε = 0; 1e-3 as the EXO paper  # curvature in W that does not shrink with β (ipo) or is ×(1+λ)² (dpop)
     "record_every": 6,
     "n": 200_000,
     "n_eval": 2048,
@@ -223,7 +224,7 @@ def _dpo_stage(dist, head, cfg, key, name, layer):
 
     betas = jnp.asarray(cfg["betas"], jnp.result_type(float))
     lrs = jnp.asarray(_lr(cfg, name, cfg["betas"]), betas.dtype)
-    kw = dict(loss_type=name, steps=cfg["dpo_steps"], record_every=cfg["record_every"])
+    kw = dict(loss_type=name, steps=cfg["dpo_steps"], record_every=cfg["record_every"], **cfg["hparams"].get(name, {}))
     if layer == "population":
         run = lambda b, lr: vocab_population_trajectory(dist, head=head, beta=b, lr=lr, **kw)
     else:
@@ -288,6 +289,8 @@ def run_displacement(out_dir, *, quick: bool = False, parts=None, log=None) -> d
     """
     import jax
 
+    from dynamics.losses import get_objective
+
     parts = parse_parts(parts)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -312,6 +315,8 @@ def run_displacement(out_dir, *, quick: bool = False, parts=None, log=None) -> d
             try:
                 pop = _dpo_stage(dist, heads["population"], cfg, key, name, "population")
             except ValueError as err:
+                if not get_objective(name).batch_level:
+                    raise
                 skipped[name] = str(err)
                 log(f"#   {name}: skipped ({err})")
                 continue

@@ -21,6 +21,10 @@ vmapped over their configurations. Every study prints its key numbers and writes
 * ``Q5`` Gaussian equivalence — the gap between the moment-matched Gaussian
   prediction and the empirical dynamics for Laplace, Student-t and mixtures.
 
+``dpo-sims study displacement`` (likelihood displacement in the answer-vocabulary model, its own
+module :mod:`sims.displacement`, parts chosen with ``--part``) is dispatched from :func:`run`; it is
+not part of ``all``.
+
 Time-to-learn (:func:`time_to_learn`, docs/findings.md): for behaviour ``k``
 the progress measure is its mean reward margin on a fresh pair,
 ``M_k(t) = E[β h | k] = β δ_tᵀ m_k`` (nats; TRL ``rewards/margins`` restricted to
