@@ -75,7 +75,7 @@ CONFIG = {
     "quick": {
         "sft_steps": 30,
         "dpo_steps": 60,
-        "objectives": ["sigmoid", "rpo", "kto"],
+        "objectives": ["sigmoid", "kto"],  # kto: the skip of a batch-level objective
         "n": 20_000,  # quick: N = 2·10⁴ (the full run's max_abs_pop_emp_loss is at N = 2·10⁵)
     },
 }
