@@ -21,6 +21,10 @@ vmapped over their configurations. Every study prints its key numbers and writes
 * ``Q5`` Gaussian equivalence — the gap between the moment-matched Gaussian
   prediction and the empirical dynamics for Laplace, Student-t and mixtures.
 
+``dpo-sims study displacement`` (likelihood displacement in the answer-vocabulary model, its own
+module :mod:`sims.displacement`, parts chosen with ``--part``) is dispatched from :func:`run`; it is
+not part of ``all``.
+
 Time-to-learn (:func:`time_to_learn`, docs/findings.md): for behaviour ``k``
 the progress measure is its mean reward margin on a fresh pair,
 ``M_k(t) = E[β h | k] = β δ_tᵀ m_k`` (nats; TRL ``rewards/margins`` restricted to
@@ -51,6 +55,8 @@ __all__ = [
 ]
 
 STUDIES = ("Q1", "Q2", "Q3", "Q4", "Q5")
+#: studies with a module of their own (not in "all"): name → module (``sims.displacement.run_displacement``)
+EXTRA_STUDIES = {"displacement": "sims.displacement"}
 
 CONFIG_TOML = r'''
 # Embedded study configs. Units: steps (optimizer steps), nats (losses, margins).
@@ -159,7 +165,7 @@ def study_config(name: str, quick: bool = False) -> dict:
 def _canonical(name: str) -> str:
     up = str(name).upper()
     if up not in STUDIES:
-        raise UsageError(f"unknown study {name!r}; choose one of {list(STUDIES)} or 'all'")
+        raise UsageError(f"unknown study {name!r}; choose one of {list(STUDIES) + list(EXTRA_STUDIES)} or 'all'")
     return up
 
 
@@ -1300,14 +1306,24 @@ def register(sub) -> None:
         "findings section (NAME.md), a figure (NAME.png) and the numbers (NAME.json) to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5 or all")
+    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5, displacement or all (Q1–Q5)")
     p.add_argument("--quick", action="store_true", help="small configs (about a minute each on 2 CPU cores)")
     p.add_argument("--out", default="study-results", help="output folder")
+    p.add_argument("--part", default=None,
+                   help="displacement only: comma-separated parts among a,b,c,d (default: all)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    """``dpo-sims study NAME|all [--quick] [--out DIR]``: 0 on success; bad input raises UsageError (exit 2)."""
+    """``dpo-sims study NAME|all [--quick] [--out DIR] [--part a,b]``: 0 on success; bad input raises UsageError
+    (exit 2). ``displacement`` runs :func:`sims.displacement.run_displacement`."""
+    if str(args.name).lower() == "displacement":
+        from .displacement import run_displacement
+
+        run_displacement(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
+        return 0
+    if getattr(args, "part", None) is not None:
+        raise UsageError(f"--part applies to the displacement study only; drop it for study {args.name}")
     names = list(STUDIES) if str(args.name).lower() == "all" else [_canonical(args.name)]
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder; pass a folder path")
