@@ -419,7 +419,15 @@ def _smoothed_sigmoid(z, eps):
 
 
 def _log1mexp(x):
-    """``log(1 − exp(x))`` for x < 0, branching at −log 2 as TRL's orpo_trainer.py ``log1mexp``."""
+    """``log(1 − exp(x))`` for x < 0, branching at −log 2 as TRL's orpo_trainer.py ``log1mexp``.
+
+    ``x`` is first capped at ``−eps`` of its dtype: a log-prob that rounds to 0 (``p = 1`` to working
+    precision, common in float32 at the tails of the population cubature) would give ``log 0 = −inf``
+    and a NaN gradient; the cap keeps the value finite (``log eps``) with a zero gradient there, and
+    changes nothing where ``1 − p`` is representable.
+    """
+    x = jnp.asarray(x)
+    x = jnp.minimum(x, -jnp.finfo(jnp.result_type(x, float)).eps)
     t = -0.6931471805599453
     xs_lo = jnp.where(x < t, x, t)  # double `where`: each branch sees only its own range
     xs_hi = jnp.where(x < t, t, x)

@@ -437,3 +437,19 @@ def test_aot_population_limit_is_the_quantile_coupling(x64):
                                  -40, 40, limit=200)[0]
     assert abs(batch_mean - coupled) < 5e-3
     assert abs(independent - coupled) > 0.05  # the coupling matters (0.09 here, 18× the tolerance)
+
+
+def test_orpo_is_finite_when_a_log_prob_rounds_to_zero():
+    """float32: a chosen log-prob of exactly 0 (p = 1 to working precision, met at the tails of the
+    population cubature from an SFT head) made log(1 − p) = −inf and the gradient NaN; the cap at −eps
+    keeps both finite, and a representable point is unchanged (value vs NumPy in float64 terms)."""
+    c = jnp.asarray([0.0, -0.3], jnp.float32)
+    r = jnp.asarray([-2.0, -1.1], jnp.float32)
+    f = lambda c: jnp.sum(L.objective_loss("orpo", c, r, beta=0.5))
+    val, grad = jax.value_and_grad(f)(c)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(grad)))
+    lo = lambda a: np.log(-np.expm1(a))
+    z = (-0.3 - -1.1) - (lo(-0.3) - lo(-1.1))
+    want = 0.3 - 0.5 * -np.log1p(np.exp(-z))
+    got = float(L.objective_loss("orpo", c, r, beta=0.5)[1])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
