@@ -345,7 +345,7 @@ def run_displacement(out_dir, *, quick: bool = False, parts=None, log=None) -> d
     for line in _headline(res):
         print(line)
     print(f"# displacement: wrote {out / 'displacement.json'}, {out / 'displacement.md'} and "
-          f"{len([p for p in parts if p != 'c'])} figure(s) in {res['seconds']} s")
+          f"{sum((out / f'displacement_{p}.png').exists() for p in parts)} figure(s) in {res['seconds']} s")
     return res
 
 
