@@ -17,6 +17,8 @@ softmax is shift invariant), a Gaussian of rank ``r ≤ min(V − 1 + rank(P W_r
   one-dimensional integrals of :mod:`dynamics.gaussian_integrals` instead
   (``h = δ_kᵀ z``, docs/theory.md §3.1), so ``V = 2`` with the paper's head reproduces
   :func:`dynamics.population_trajectory`.
+* Batch-level objectives (``aot``, ``beta_dpo``, ``kto``): the batch statistic is replaced by its
+  population value at the current head (docs/theory.md §8.5).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .head import Head
 from . import reduced
 
 __all__ = ["vocab_population_trajectory", "vocab_population_objective", "vocab_population_gradient",
-           "cubature_rule", "image_rank", "DEFAULT_ORDER"]
+           "cubature_rule", "image_rank", "DEFAULT_ORDER", "BATCH_LIMITS", "AOT_PANELS"]
 
 #: Gauss–Hermite points per dimension of the default tensor rule, by image rank ``r``
 #: (``r`` beyond the table: 4); errors measured in docs/theory.md §7.4
@@ -483,8 +485,11 @@ def vocab_population_objective(dist, w, *, head, loss_type="sigmoid", beta=1.0, 
     for margin-only objectives, else the tensor Gauss–Hermite cubature of :func:`cubature_rule`
     (``cubature_order`` points per dimension; error in docs/theory.md §7.4).
 
+    Batch-level objectives: their population limits (docs/theory.md §8.5), as in
+    :func:`vocab_population_trajectory`.
+
     Raises:
-      ValueError: unknown or batch-level ``loss_type``, β ≤ 0, a head whose ``d`` differs.
+      ValueError: unknown ``loss_type`` or ``aot_unpaired``, β ≤ 0, a head whose ``d`` differs.
     """
     dist, prob, thp = _prepare(dist, head, loss_type, beta, loss_weights, hparams, cubature_order)
     w = _check_w(w, head, dist)
@@ -614,9 +619,13 @@ def vocab_population_trajectory(dist, *, head, loss_type="sigmoid", beta=1.0, lr
       log-prob is below its step-0 value), ``loss_total``, ``grad_norm`` (Frobenius norm of
       ``∇_W L``), ``weights`` and the heads ``w (T, V, d)``.
 
+    Batch-level objectives (:data:`BATCH_LIMITS`: ``aot``, ``beta_dpo``, ``kto``) use their N → ∞ limits at
+    every step (docs/theory.md §8.5): ``aot`` the quantile coupling of ``c − r`` and ``c_ref − r_ref``,
+    ``beta_dpo`` the batch β at ``E h``, ``kto`` (without ``kto_kl``) ``z_ref`` from mismatched completions.
+
     Raises:
-      ValueError: a batch-level objective (the population layer does not define its limit),
-        an unknown ``loss_type`` (closest name suggested), β ≤ 0, bad schedule or head.
+      ValueError: ``aot_unpaired`` (its limit is not defined here), ``aot`` in a list, ``kl_logps`` for
+        ``kto``, an unknown ``loss_type`` (closest name suggested), β ≤ 0, bad schedule or head.
 
     Source: docs/theory.md §7.
     """
