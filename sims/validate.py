@@ -34,6 +34,10 @@ can fail on a wrong implementation, but passing them is not evidence.
   (agreement ≥ 0.95), tabulated by bin.
 * C5 misalignment speed vs κ; population vs empirical steps until the policy
   flips (evidence); ``c5_flip_labels`` has the law of ``(x, −s)`` (exact).
+* OBJ every registry objective (docs/theory.md §8; the batch-level ones by their
+  limits, §8.5): population vs empirical at V = 3, max over the recorded steps of
+  |Δloss| and |Δ logps/chosen| gated at 5 Monte Carlo standard errors (evidence);
+  ``--quick`` a subset at N = 2·10⁴, ``--full`` all at N = 2·10⁵.
 
 Writes ``validation.md``, ``validation.json`` (one object per row: ``claim``,
 ``check``, ``setting``, ``kind``, ``gated``, ``passed``, ``statistic``,
@@ -1133,6 +1137,8 @@ OBJ_PAIRS = ((0, 1), (2, 1))
 #: hyper-parameters an objective needs beyond its defaults (exo_pair: ε > 0; kto: z_ref given, as the empirical
 #: layer takes it — the in-batch KL limit is tested in tests/test_vocab_batch_limits.py)
 OBJ_HPARAMS = {"exo_pair": {"label_smoothing": 1e-3}, "kto": {"kto_kl": 0.05}}
+#: step sizes below OBJ_LR for the unbounded quadratic objectives (at 0.5 their GD diverges in a few steps)
+OBJ_LR_BY_NAME = {"ipo": 0.05, "sppo_hard": 0.05}
 
 
 def _obj_setting(key):
@@ -1184,7 +1190,8 @@ def check_objectives(key, plan, log, names=None):
                               "—", "—", None, setting=setting, kind="reported", value=float("nan")))
             continue
         t0 = time.perf_counter()
-        kw = dict(head=head, loss_type=name, beta=OBJ_BETA, lr=OBJ_LR, steps=steps, **OBJ_HPARAMS.get(name, {}))
+        kw = dict(head=head, loss_type=name, beta=OBJ_BETA, lr=OBJ_LR_BY_NAME.get(name, OBJ_LR), steps=steps,
+                  **OBJ_HPARAMS.get(name, {}))
         pop = vocab_population_trajectory(dist, **kw)
         train, _ = vocab_empirical_trajectory(dist, jax.random.fold_in(key, 1), n=n, n_eval=16, **kw)
         d_loss = float(np.max(np.abs(np.asarray(pop.loss_total) - np.asarray(train.loss_total))))
