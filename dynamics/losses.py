@@ -51,7 +51,7 @@ from .gaussian_integrals import normal_cdf, normal_pdf, sigmoid_family_expectati
 __all__ = ["Loss", "REGISTRY", "LOSSES", "get_loss", "uses_label_smoothing", "check_label_smoothing",
            "loss_fn", "loss_grad_fn", "expected_loss_terms", "validate_loss",
            "Objective", "OBJECTIVES", "OBJECTIVE_NAMES", "TRL_DPO_LOSS_TYPES", "F_DIVERGENCES", "get_objective",
-           "objective_loss", "objective_margin_loss"]
+           "objective_loss", "objective_margin_loss", "beta_dpo_beta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,12 +596,21 @@ def _obj_dpop(c, r, cr, rr, beta, hp, lengths):
     return -_log_sigmoid(beta * (h - hp["dpop_lambda"] * jax.nn.relu(cr - c)))
 
 
+def beta_dpo_beta(beta, margin_mean, hp):
+    """β-DPO's batch β: ``max(β (1 + a (M − M₀)), 10⁻³)``, detached (``M`` the batch mean of ``h``).
+
+    ``hp`` holds ``beta_dpo_alpha`` (a) and ``beta_dpo_m0`` (M₀); the population layer passes ``M = E h``
+    (docs/theory.md §8.3). Source: junkangwu/beta-DPO trainers.py ``preference_loss``.
+    """
+    beta_used = jnp.maximum(beta * (1.0 + hp["beta_dpo_alpha"] * (margin_mean - hp["beta_dpo_m0"])), 1e-3)
+    return jax.lax.stop_gradient(beta_used)
+
+
 def _obj_beta_dpo(c, r, cr, rr, beta, hp, lengths):
     h = (c - cr) - (r - rr)
     m = hp["beta_dpo_margin"]
     m = jnp.mean(h, -1, keepdims=True) if m is None else jnp.asarray(m, dtype=jnp.result_type(h, float))
-    beta_used = jnp.maximum(beta * (1.0 + hp["beta_dpo_alpha"] * (m - hp["beta_dpo_m0"])), 1e-3)
-    return -_log_sigmoid(jax.lax.stop_gradient(beta_used) * h)
+    return -_log_sigmoid(beta_dpo_beta(beta, m, hp) * h)
 
 
 _DPO_SRC = f"{_TRL} trl/trainer/dpo_trainer.py (DPOTrainer._compute_loss), trl/trainer/dpo_config.py"

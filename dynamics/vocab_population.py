@@ -17,6 +17,8 @@ softmax is shift invariant), a Gaussian of rank ``r ≤ min(V − 1 + rank(P W_r
   one-dimensional integrals of :mod:`dynamics.gaussian_integrals` instead
   (``h = δ_kᵀ z``, docs/theory.md §3.1), so ``V = 2`` with the paper's head reproduces
   :func:`dynamics.population_trajectory`.
+* Batch-level objectives (``aot``, ``beta_dpo``, ``kto``): the batch statistic is replaced by its
+  population value at the current head (docs/theory.md §8.5).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .head import Head
 from . import reduced
 
 __all__ = ["vocab_population_trajectory", "vocab_population_objective", "vocab_population_gradient",
-           "cubature_rule", "image_rank", "DEFAULT_ORDER"]
+           "cubature_rule", "image_rank", "DEFAULT_ORDER", "BATCH_LIMITS", "AOT_PANELS"]
 
 #: Gauss–Hermite points per dimension of the default tensor rule, by image rank ``r``
 #: (``r`` beyond the table: 4); errors measured in docs/theory.md §7.4
@@ -92,8 +94,12 @@ def image_rank(w_ref, d: int) -> int:
 
 
 # --------------------------------------------------------------------------- objectives
+#: batch-level objectives whose N → ∞ limit the population layer defines (docs/theory.md §8.5)
+BATCH_LIMITS = ("aot", "beta_dpo", "kto")
+
+
 def _objective_info(loss_type):
-    """The objective names as a tuple; raises for unknown or batch-level objectives."""
+    """The objective names as a tuple; raises for unknown objectives and undefined batch limits."""
     from .losses import get_objective
 
     names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
@@ -101,9 +107,13 @@ def _objective_info(loss_type):
         raise ValueError("loss_type is an empty list; pass a TRL loss_type name such as 'sigmoid'")
     recs = [get_objective(n) for n in names]
     for rec in recs:
-        if rec.batch_level:
-            raise ValueError(f"loss_type {rec.name!r} is batch-level (it uses batch statistics); the population "
-                             "layer does not define its N → ∞ limit — use vocab_empirical_trajectory")
+        if rec.batch_level and rec.name not in BATCH_LIMITS:
+            raise ValueError(f"loss_type {rec.name!r} is batch-level (it sorts two nonlinear log-ratios over the "
+                             "batch); the population layer does not define its N → ∞ limit — use "
+                             f"vocab_empirical_trajectory, or one of {list(BATCH_LIMITS)}")
+    if "aot" in names and len(names) > 1:
+        raise ValueError(f"loss_type {list(names)}: the population layer takes 'aot' (a quantile coupling) alone, "
+                         "not in a list; pass loss_type='aot'")
     return names
 
 
@@ -214,6 +224,132 @@ def _margin_terms(margin, w, w_ref, comps, pairs, beta, label_smoothing):
     return e_l, jnp.einsum("cv,ci->cvi", rows, g)
 
 
+# ---------------------------------------------------------------- batch-level limits (docs/theory.md §8.5)
+def _margin_mean(w, w_ref, comps, pairs):
+    """``E h`` over the whole mixture, exact (``h = δ_kᵀ z`` is linear), detached: β-DPO's batch mean."""
+    dw = w - w_ref
+    ab = pairs[comps.behavior]
+    delta = dw[ab[:, 0]] - dw[ab[:, 1]]
+    return jax.lax.stop_gradient(jnp.sum(comps.weight * jnp.einsum("ci,ci->c", delta, comps.mean)))
+
+
+def _kto_mismatched_kl(prob, w, w_ref, comps, mean_x, pairs):
+    """KTO's ``KL̂`` limit ``E[log π(y'|x) − log π_ref(y'|x)]``, ``y' ⊥ x``, detached (docs/theory.md §8.5).
+
+    ``x`` from the mixture, ``y'`` from the completions' marginal ``q_t = Σ_c π_c (1[a_c = t] + 1[b_c = t]) / 2``
+    (TRL's KL batch pairs each prompt with another example's completion, chosen or rejected alike); the
+    per-component expectations on the rule of the image of ``(W x, W_ref x)``.
+    """
+    v, dtype = w.shape[0], w.dtype
+    ab = pairs[comps.behavior]
+    q = 0.5 * jnp.einsum("c,cv->v", comps.weight,
+                         jax.nn.one_hot(ab[:, 0], v, dtype=dtype) + jax.nn.one_hot(ab[:, 1], v, dtype=dtype))
+    xi, wt = _rule(prob.r_met, prob.order, dtype)
+
+    def one(mx, cv):
+        u = _image_nodes(w, w_ref, mx, cv, xi)
+        return wt @ (jax.nn.log_softmax(u[:, :v], axis=-1) - jax.nn.log_softmax(u[:, v:], axis=-1))
+
+    per_c = jax.vmap(one)(mean_x, comps.cov)  # (J, V)
+    return jax.lax.stop_gradient(jnp.einsum("c,cv,v->", comps.weight, per_c, q))
+
+
+def _mixture_log_cdf_sf(t, weight, mu, sigma):
+    """``(log F(t), log(1 − F(t)))`` of the mixture ``Σ_c π_c N(mu_c, σ_c²)`` at ``t (...,)`` (σ_c > 0)."""
+    from jax.scipy.special import log_ndtr, logsumexp
+
+    lw = jnp.where(weight > 0, jnp.log(jnp.where(weight > 0, weight, 1.0)), -jnp.inf)
+    zt = (t[..., None] - mu) / sigma
+    return logsumexp(lw + log_ndtr(zt), axis=-1), logsumexp(lw + log_ndtr(-zt), axis=-1)
+
+
+#: bisection steps of the mixture quantile (the bracket of 100 σ shrinks to float64 resolution by ~60)
+_QUANTILE_STEPS = 80
+
+
+def _mixture_transport(a, law_a, law_b):
+    """The monotone map ``T = Q_B ∘ F_A`` at ``a (...,)``, for mixtures ``law = (π, μ, σ)`` (docs/theory.md §8.5).
+
+    Matched in the log of the smaller tail (``log F`` below the median, ``log(1 − F)`` above), so tail nodes
+    keep their relative accuracy; ``Q_B`` by bisection on ``[min μ − 50σ, max μ + 50σ]`` (error ≤ float64
+    resolution of ``t``).
+    """
+    lf, ls = _mixture_log_cdf_sf(a, *law_a)
+    lower = lf <= ls
+    target = jnp.where(lower, lf, ls)
+    wb, mb, sb = law_b
+    lo = jnp.full(a.shape, jnp.min(mb - 50.0 * sb))
+    hi = jnp.full(a.shape, jnp.max(mb + 50.0 * sb))
+
+    def body(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        bf, bs = _mixture_log_cdf_sf(mid, wb, mb, sb)
+        root_above = jnp.where(lower, bf < target, bs > target)
+        return jnp.where(root_above, mid, lo), jnp.where(root_above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, _QUANTILE_STEPS, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+#: panels of the composite 8-point Gauss–Legendre rule on ``ξ ∈ [−12, 12]`` of ``aot``'s 1-D expectations
+#: (per component, along ``c − r``); error in docs/theory.md §8.5
+AOT_PANELS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _aot_rule(panels: int):
+    """Nodes and weights ``(n,)`` of ``E f(ξ)``, ``ξ ~ N(0, 1)``: composite 8-point Gauss–Legendre on [−12, 12].
+
+    ``T = Q_B ∘ F_A`` varies on the scale of the narrowest component of ``B``, where a global Gauss–Hermite
+    rule converges slowly; panels of width ``24/panels`` resolve it (the tails beyond 12 carry 4e-33).
+    """
+    x, w = np.polynomial.legendre.leggauss(8)
+    edges = np.linspace(-12.0, 12.0, panels + 1)
+    half, mid = np.diff(edges) / 2, (edges[1:] + edges[:-1]) / 2
+    nodes = (mid[:, None] + half[:, None] * x).reshape(-1)
+    weights = (half[:, None] * w).reshape(-1) * np.exp(-0.5 * nodes**2) / math.sqrt(2.0 * math.pi)
+    return nodes, weights / weights.sum()
+
+
+def _aot_terms(w, w_ref, comps, mean_x, chosen, rejected, beta, label_smoothing, panels):
+    """``aot``'s quantile coupling: value per component ``(J,)`` and gradient ``(J, V, d)`` (docs/theory.md §8.5).
+
+    ``A = c − r = (W_w − W_l) x`` and ``B = c_ref − r_ref`` are Gaussian per component, so ``F_A``, ``F_B`` are
+    mixture CDFs; the batch mean of the sorted pairing converges to ``E ℓ(β(A − T(A)))``, ``T = Q_B ∘ F_A``
+    (= ``∫₀¹ ℓ(β(Q_A(u) − Q_B(u))) du``). TRL differentiates through the sort with the ranks fixed, whose limit
+    is ``∇ = E[β ℓ'(β(A − T(A))) ∇A]`` (quantile sensitivity); with ``E[x | A] = m + S δ (A − μ)/σ²`` it is
+    ``(e_w − e_l)(m E φ + S δ E[φ ξ]/σ)ᵀ`` on the 1-D rule ``A = μ + σ ξ`` (:func:`_aot_rule`; ``panels``
+    = ``cubature_order`` or :data:`AOT_PANELS`).
+    """
+    from .losses import _smoothed_sigmoid
+
+    d_a = w[chosen] - w[rejected]  # (J, d)
+    d_b = w_ref[chosen] - w_ref[rejected]
+    mu_a, mu_b = jnp.einsum("ci,ci->c", d_a, mean_x), jnp.einsum("ci,ci->c", d_b, mean_x)
+    var_a = jnp.einsum("ci,cij,cj->c", d_a, comps.cov, d_a)
+    var_b = jnp.einsum("ci,cij,cj->c", d_b, comps.cov, d_b)
+    # a point mass (e.g. W = 0) is given a spread ~1e-9 of the logit scale: ties are then broken at random,
+    # the limit of jnp.sort's order among tied values (independent of x)
+    tiny = 1e-9 * (1.0 + jnp.max(jnp.sqrt(jnp.maximum(jnp.concatenate([var_a, var_b]), 0.0)))
+                   + jnp.max(jnp.abs(jnp.concatenate([mu_a, mu_b]))))
+    sd_a = jnp.sqrt(jnp.maximum(var_a, 0.0) + tiny**2)
+    sd_b = jnp.sqrt(jnp.maximum(var_b, 0.0) + tiny**2)
+    xi, gw = _aot_rule(panels)
+    xi, gw = jnp.asarray(xi, w.dtype), jnp.asarray(gw, w.dtype)
+    a = mu_a[:, None] + sd_a[:, None] * xi  # (J, n)
+    law_a = jax.lax.stop_gradient((comps.weight, mu_a, sd_a))
+    law_b = jax.lax.stop_gradient((comps.weight, mu_b, sd_b))
+    t = jax.lax.stop_gradient(_mixture_transport(jax.lax.stop_gradient(a), law_a, law_b))
+    u = beta * (a - t)
+    vals = _smoothed_sigmoid(u, label_smoothing) @ gw
+    phi = beta * jax.grad(lambda uu: jnp.sum(_smoothed_sigmoid(uu, label_smoothing)))(u)
+    gx = mean_x * (phi @ gw)[:, None] + jnp.einsum("cij,cj->ci", comps.cov, d_a) * (((phi * xi) @ gw) / sd_a)[:, None]
+    v = w.shape[0]
+    rows = jax.nn.one_hot(chosen, v, dtype=w.dtype) - jax.nn.one_hot(rejected, v, dtype=w.dtype)
+    return vals, jax.lax.stop_gradient(jnp.einsum("cv,ci->cvi", rows, gx))
+
+
 class _Problem:
     """Static description of one population objective (hashable: a jit static argument).
 
@@ -254,9 +390,23 @@ def _objective_and_grad(prob: _Problem, dist, w, w_ref, beta, thp, *, need_grad=
     """``(L_total, ∇_W L_total (V, d) or None, per-component values (J,))``."""
     from .losses import uses_label_smoothing
 
+    from .losses import beta_dpo_beta, get_objective
+
     comps, mean_x, chosen, rejected, pairs = _components(dist, prob.pairs)
     hparams = dict(prob.static_hp, **thp)
-    if prob.margin is not None:
+    # batch statistics → their population values at the current head, detached (docs/theory.md §8.5)
+    if "beta_dpo" in prob.names and hparams.get("beta_dpo_margin") is None:
+        hparams["beta_dpo_margin"] = _margin_mean(w, w_ref, comps, pairs)
+    if "kto" in prob.names and hparams.get("kto_kl") is None:
+        hparams["kto_kl"] = _kto_mismatched_kl(prob, w, w_ref, comps, mean_x, pairs)
+    if prob.names == ("aot",):
+        vals, grads = _aot_terms(w, w_ref, comps, mean_x, chosen, rejected, beta,
+                                 hparams.get("label_smoothing", 0.0), prob.order or AOT_PANELS)
+    elif prob.names == ("beta_dpo",):  # sigmoid at the batch β: margin-only, exact
+        vals, grads = _margin_terms("sigmoid", w, w_ref, comps, pairs,
+                                    beta_dpo_beta(beta, hparams["beta_dpo_margin"],
+                                                  {**get_objective("beta_dpo").hparams, **hparams}), 0.0)
+    elif prob.margin is not None:
         ls = hparams.get("label_smoothing", 0.0) if uses_label_smoothing(prob.margin) else 0.0  # cdpo, robust
         vals, grads = _margin_terms(prob.margin, w, w_ref, comps, pairs, beta, ls)
     else:
@@ -288,11 +438,18 @@ def _prepare(dist, head, loss_type, beta, loss_weights, hparams, cubature_order)
     check_scalar("beta", beta)
     check_positive("beta", beta)
     names = _objective_info(loss_type)
+    if "kto" in names and (hparams.get("kl_logps") is not None or hparams.get("ref_kl_logps") is not None):
+        raise ValueError("kl_logps / ref_kl_logps are per-pair batch arrays; the population layer computes KTO's "
+                         "z_ref itself (docs/theory.md §8.5) — drop them, or pass kto_kl= (a number)")
     thp, static_hp = _split_hparams(hparams)
     lw = None if loss_weights is None else tuple(float(x) for x in np.asarray(loss_weights).reshape(-1))
     z = jnp.zeros((1,), jnp.result_type(float))
+    if "kto" in names:
+        hp_check = {**hparams, "kto_kl": 0.0} if hparams.get("kto_kl") is None else hparams
+    else:
+        hp_check = hparams
     objective_loss(names[0] if len(names) == 1 else list(names), z, z, z, z, beta=beta, loss_weights=lw,
-                   **hparams)  # one-line errors: loss_weights length, hyper-parameters (names, ranges, no effect)
+                   **hp_check)  # one-line errors: loss_weights length, hyper-parameters (names, ranges, no effect)
     margin = _margin_loss_name(names, hparams)
     if cubature_order is not None:
         cubature_order = check_int("cubature_order", cubature_order)
@@ -328,8 +485,11 @@ def vocab_population_objective(dist, w, *, head, loss_type="sigmoid", beta=1.0, 
     for margin-only objectives, else the tensor Gauss–Hermite cubature of :func:`cubature_rule`
     (``cubature_order`` points per dimension; error in docs/theory.md §7.4).
 
+    Batch-level objectives: their population limits (docs/theory.md §8.5), as in
+    :func:`vocab_population_trajectory`.
+
     Raises:
-      ValueError: unknown or batch-level ``loss_type``, β ≤ 0, a head whose ``d`` differs.
+      ValueError: unknown ``loss_type`` or ``aot_unpaired``, β ≤ 0, a head whose ``d`` differs.
     """
     dist, prob, thp = _prepare(dist, head, loss_type, beta, loss_weights, hparams, cubature_order)
     w = _check_w(w, head, dist)
@@ -459,9 +619,13 @@ def vocab_population_trajectory(dist, *, head, loss_type="sigmoid", beta=1.0, lr
       log-prob is below its step-0 value), ``loss_total``, ``grad_norm`` (Frobenius norm of
       ``∇_W L``), ``weights`` and the heads ``w (T, V, d)``.
 
+    Batch-level objectives (:data:`BATCH_LIMITS`: ``aot``, ``beta_dpo``, ``kto``) use their N → ∞ limits at
+    every step (docs/theory.md §8.5): ``aot`` the quantile coupling of ``c − r`` and ``c_ref − r_ref``,
+    ``beta_dpo`` the batch β at ``E h``, ``kto`` (without ``kto_kl``) ``z_ref`` from mismatched completions.
+
     Raises:
-      ValueError: a batch-level objective (the population layer does not define its limit),
-        an unknown ``loss_type`` (closest name suggested), β ≤ 0, bad schedule or head.
+      ValueError: ``aot_unpaired`` (its limit is not defined here), ``aot`` in a list, ``kl_logps`` for
+        ``kto``, an unknown ``loss_type`` (closest name suggested), β ≤ 0, bad schedule or head.
 
     Source: docs/theory.md §7.
     """

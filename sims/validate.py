@@ -34,6 +34,10 @@ can fail on a wrong implementation, but passing them is not evidence.
   (agreement ≥ 0.95), tabulated by bin.
 * C5 misalignment speed vs κ; population vs empirical steps until the policy
   flips (evidence); ``c5_flip_labels`` has the law of ``(x, −s)`` (exact).
+* OBJ every registry objective (docs/theory.md §8; the batch-level ones by their
+  limits, §8.5): population vs empirical at V = 3, max over the recorded steps of
+  |Δloss| and |Δ logps/chosen| gated at 5 Monte Carlo standard errors (evidence);
+  ``--quick`` a subset at N = 2·10⁴, ``--full`` all at N = 2·10⁵.
 
 Writes ``validation.md``, ``validation.json`` (one object per row: ``claim``,
 ``check``, ``setting``, ``kind``, ``gated``, ``passed``, ``statistic``,
@@ -104,6 +108,9 @@ class Plan:
     c5_kappas: tuple
     c5_seeds: int
     c5_n: int
+    obj_n: int = 20_000  # objectives battery: pairs per empirical run
+    obj_steps: int = 3
+    obj_names: tuple | None = None  # objectives of the battery (None: every registry objective)
 
 
 PLANS = {
@@ -114,6 +121,8 @@ PLANS = {
         c1_groups=((3, 16, False), (2, 8, True)), c1_configs=8, c1_seeds=256, c1_n=256,
         c4_pairs=256, c4_n=2048,
         c5_groups=((3, 16),), c5_configs=4, c5_kappas=(1.0, 1.5, 2.0, 3.0), c5_seeds=3, c5_n=4096,
+        obj_n=20_000, obj_steps=3,
+        obj_names=("sigmoid", "nca_pair", "sft", "aot", "aot_unpaired", "beta_dpo", "kto"),
     ),
     "full": Plan(
         name="full",
@@ -127,6 +136,7 @@ PLANS = {
         c4_pairs=2048, c4_n=8192,
         c5_groups=((1, 8), (2, 16), (4, 32)), c5_configs=8,
         c5_kappas=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0), c5_seeds=4, c5_n=8192,
+        obj_n=200_000, obj_steps=5,
     ),
 }
 
@@ -1121,8 +1131,86 @@ def write_report(out_dir, rows, figs, files, plan, command, seed, wall):
     return path
 
 
+# ------------------------------------------------------------- objectives (docs/theory.md §8)
+OBJ_V, OBJ_D, OBJ_BETA, OBJ_LR, OBJ_SE = 3, 2, 0.5, 0.5, 5.0
+OBJ_PAIRS = ((0, 1), (2, 1))
+#: hyper-parameters an objective needs beyond its defaults (exo_pair: ε > 0; kto: z_ref given, as the empirical
+#: layer takes it — the in-batch KL limit is tested in tests/test_vocab_batch_limits.py)
+OBJ_HPARAMS = {"exo_pair": {"label_smoothing": 1e-3}, "kto": {"kto_kl": 0.05}}
+#: step sizes below OBJ_LR for the unbounded quadratic objectives (at 0.5 their GD diverges in a few steps)
+OBJ_LR_BY_NAME = {"ipo": 0.05, "sppo_hard": 0.05}
+
+
+def _obj_setting(key):
+    dist = random_distribution(key, 2, OBJ_D)
+    w_ref = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (OBJ_V, OBJ_D))
+    w0 = w_ref + 0.3 * jax.random.normal(jax.random.fold_in(key, 2), (OBJ_V, OBJ_D))  # W_0 ≠ W_ref: sd > 0
+    return dist, dd.Head.create(w_ref, w0, pairs=OBJ_PAIRS)
+
+
+def _obj_sd(dist, head, w, name, n, key):
+    """Standard deviations of the per-pair loss and of log π(y_w|x) at the head ``w`` over ``n`` pairs (NumPy)."""
+    from dynamics.losses import objective_loss
+
+    x, s, beh = (np.asarray(a, np.float64) for a in dist.sample(key, n))
+    ab = np.asarray(OBJ_PAIRS)[beh.astype(int)]
+    ch, rj = np.where(s > 0, ab[:, 0], ab[:, 1]), np.where(s > 0, ab[:, 1], ab[:, 0])
+    idx = np.arange(n)
+
+    def logp(w):
+        z = x @ np.asarray(w, np.float64).T
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    lp, lpr = logp(w), logp(head.w_ref)
+    per = np.asarray(objective_loss(name, lp[idx, ch], lp[idx, rj], lpr[idx, ch], lpr[idx, rj], beta=OBJ_BETA,
+                                    **OBJ_HPARAMS.get(name, {})))
+    return float(per.std()), float(lp[idx, ch].std())
+
+
+def check_objectives(key, plan, log, names=None):
+    """One row per registry objective: population vs empirical at V = 3, N = ``plan.obj_n`` (evidence).
+
+    Statistic: ``max_t |L_pop − L_emp|`` and ``max_t |E logps/chosen pop − emp|`` over the recorded steps; gate
+    ``5·sd/√N`` with ``sd`` the per-pair standard deviation at the last head (the Monte Carlo standard error of a
+    mean of N pairs; a sorted or batch-mean objective's error is of the same order, docs/theory.md §8.5). The
+    quick plan runs a subset (``plan.obj_names``: the batch-level objectives and one of each kind).
+    """
+    from dynamics.losses import OBJECTIVE_NAMES
+    from dynamics.vocab import vocab_empirical_trajectory
+    from dynamics.vocab_population import BATCH_LIMITS, vocab_population_trajectory
+    from dynamics.losses import get_objective
+
+    dist, head = _obj_setting(jax.random.fold_in(key, 0))
+    rows = []
+    n, steps = plan.obj_n, plan.obj_steps
+    for name in names or plan.obj_names or OBJECTIVE_NAMES:
+        setting = f"V = {OBJ_V}, d = {OBJ_D}, K = 2, N = {n}, {steps} GD steps"
+        if get_objective(name).batch_level and name not in BATCH_LIMITS:
+            rows.append(Check("OBJ", f"{name}: population limit not defined (docs/theory.md §8.5)", 1, 1,
+                              "—", "—", None, setting=setting, kind="reported", value=float("nan")))
+            continue
+        t0 = time.perf_counter()
+        kw = dict(head=head, loss_type=name, beta=OBJ_BETA, lr=OBJ_LR_BY_NAME.get(name, OBJ_LR), steps=steps,
+                  **OBJ_HPARAMS.get(name, {}))
+        pop = vocab_population_trajectory(dist, **kw)
+        train, _ = vocab_empirical_trajectory(dist, jax.random.fold_in(key, 1), n=n, n_eval=16, **kw)
+        d_loss = float(np.max(np.abs(np.asarray(pop.loss_total) - np.asarray(train.loss_total))))
+        d_lp = float(np.max(np.abs(np.asarray(pop.mean("logps/chosen")) - np.asarray(train.mean("logps/chosen")))))
+        sd_loss, sd_lp = _obj_sd(dist, head, np.asarray(train.w[-1]), name, min(n, 50_000),
+                                 jax.random.fold_in(key, 2))
+        gate_loss, gate_lp = OBJ_SE * sd_loss / np.sqrt(n), OBJ_SE * sd_lp / np.sqrt(n)
+        ok = bool(d_loss <= gate_loss and d_lp <= gate_lp)
+        rows.append(Check("OBJ", f"{name}: population vs empirical, loss and logps/chosen", 1, 1,
+                          f"max_t |Δloss| = {d_loss:.2e}, max_t |Δlogps/chosen| = {d_lp:.2e}",
+                          f"≤ {OBJ_SE:g}·sd/√N = {gate_loss:.1e}, {gate_lp:.1e}", ok, setting=setting,
+                          kind="evidence", value=max(d_loss / gate_loss, d_lp / gate_lp)))
+        log(f"  OBJ {name}: Δloss {d_loss:.2e} (gate {gate_loss:.1e}), Δlogps/chosen {d_lp:.2e} "
+            f"(gate {gate_lp:.1e}) {'ok' if ok else 'FAIL'} [{time.perf_counter() - t0:.1f} s]")
+    return rows
+
+
 # ------------------------------------------------------------------------ driver
-CLAIMS = ("C0", "C1", "C2", "C3", "C4", "C5")
+CLAIMS = ("C0", "C1", "C2", "C3", "C4", "C5", "OBJ")
 
 
 def run_validation(plan: Plan, seed: int = 0, out_dir: str | None = None, log=print, command: str = "",
@@ -1160,6 +1248,8 @@ def run_validation(plan: Plan, seed: int = 0, out_dir: str | None = None, log=pr
     if "C5" in claims:
         r5, figs["C5"] = check_c5(jax.random.fold_in(key, 5), plan, log)
         rows += r5
+    if "OBJ" in claims:
+        rows += check_objectives(jax.random.fold_in(key, 7), plan, log)
     wall = time.perf_counter() - t0
     path = None
     if out_dir is not None:
@@ -1190,7 +1280,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="validation", help="directory for validation.md and the figures")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of every battery")
     p.add_argument("--claims", default=",".join(CLAIMS),
-                   help="comma-separated claims to check (their batteries only), e.g. C1,C5")
+                   help="comma-separated claims to check (their batteries only), e.g. C1,C5; OBJ = every "
+                   "objective, population vs empirical at V = 3")
     p.set_defaults(func=run, plan="quick")
 
 

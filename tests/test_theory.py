@@ -426,7 +426,7 @@ def test_validate_quick_cli_passes_and_writes_report(tmp_path):
     import json
 
     rows = json.loads((out / "validation.json").read_text())
-    assert {r["claim"] for r in rows} == {"C0", "C1", "C2", "C3", "C4", "C5"}
+    assert {r["claim"] for r in rows} == {"C0", "C1", "C2", "C3", "C4", "C5", "OBJ"}
     c4 = {r["setting"] for r in rows if r["claim"] == "C4" and r["kind"] in ("evidence", "identity")}
     assert c4 == {"symmetric", "midpoints", "per_behavior_sigma", "anisotropic"}
     assert all(r["passed"] for r in rows if r["gated"])

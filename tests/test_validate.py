@@ -169,3 +169,28 @@ def test_validate_quick_fails_on_each_plant(quick_rows, name):
         assert any(s == "momentum" for _, s, _, _ in failed), failed
     if name == "covariance":
         assert any(k == "evidence" for _, _, k, _ in failed), failed
+
+
+# ------------------------------------------------------------- objectives battery (OBJ)
+@pytest.mark.slow  # ~50 s on the loaded 2-core machine: two compiles (population and empirical aot)
+def test_planted_aot_gradient_fails_the_objectives_battery():
+    """``aot``'s population gradient × 1.5 → its OBJ row fails (the loss moves ~10 gates away).
+
+    A plant of × 1.01 changes the loss after 3 steps by ~1e-4, below the Monte Carlo gate of N = 2·10⁴
+    (~5e-3) and of N = 2·10⁵ (~1.5e-3): the battery gates sampling error, not 1 % errors (those are the
+    finite-difference tests' job, tests/test_vocab_batch_limits.py).
+    """
+    import dataclasses
+
+    from dynamics import vocab_population as vp
+
+    plan = dataclasses.replace(v.PLANS["quick"], obj_names=("aot",))
+    orig = vp._aot_terms
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vp, "_aot_terms", lambda *a, **k: (lambda out: (out[0], 1.5 * out[1]))(orig(*a, **k)))
+        jax.clear_caches()
+        try:
+            rows = v.check_objectives(jax.random.key(7), plan, lambda *a: None)
+        finally:
+            jax.clear_caches()
+    assert [r.passed for r in rows] == [False], [(r.check, r.statistic, r.tolerance) for r in rows]

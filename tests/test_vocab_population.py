@@ -303,9 +303,9 @@ def test_bad_input_one_line_errors():
     vp = _vp()
     head = dynamics.Head.zeros(3)
     with pytest.raises(ValueError, match="batch-level"):
-        vp.vocab_population_trajectory(dist, head=head, loss_type="aot", steps=1)
-    with pytest.raises(ValueError, match="batch-level"):
-        vp.vocab_population_trajectory(dist, head=head, loss_type=["sigmoid", "kto"], steps=1)
+        vp.vocab_population_trajectory(dist, head=head, loss_type="aot_unpaired", steps=1)
+    with pytest.raises(ValueError, match="alone"):
+        vp.vocab_population_trajectory(dist, head=head, loss_type=["sigmoid", "aot"], steps=1)
     with pytest.raises(ValueError, match="loss_weights"):
         vp.vocab_population_trajectory(dist, head=head, loss_type=["sigmoid", "sft"], loss_weights=[1.0], steps=1)
     with pytest.raises(ValueError, match="label_smoothing"):
