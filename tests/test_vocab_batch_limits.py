@@ -197,6 +197,28 @@ def test_kto_reference_point_matches_mismatched_completions(x64):
     _fd_check(dist, w, head, "kto", {"kto_kl": z, **KTO_HP}, KTO_HP, atol=1e-5)
 
 
+def test_kto_reference_point_is_the_mismatched_kl_over_both_completions(x64):
+    """The z_ref the population layer computes, isolated: its loss equals the loss at a given ``kto_kl`` equal to
+    the NumPy Monte Carlo KL estimate (y' half chosen, half rejected completions) within the estimate's 5 standard
+    errors mapped through dL/dz; both values on the same cubature, so only z_ref differs. A z_ref from the
+    rejected (or chosen) completions only is far outside (planted below)."""
+    dist, head, w, w_ref = _kto_setup()
+    (c, r, cr, rr), (lp, lpr, ab) = _sample_logps(dist, w, w_ref, ((0, 1), (0, 1)), n=2 * 10**5)
+    idx = np.arange(c.size)
+    kl_by_token = [lp[idx, t] - lpr[idx, t] for t in (0, 1)]  # every pair's behaviour uses tokens (0, 1)
+    kl_terms = 0.5 * (kl_by_token[0] + kl_by_token[1])
+    z = max(kl_terms.mean(), 0.0)
+    se = np.std(kl_terms) / np.sqrt(c.size)
+    assert z > 0.05
+    auto = _value(dist, w, head, "kto", **KTO_HP)
+    at = lambda zz: _value(dist, w, head, "kto", kto_kl=zz, **KTO_HP)
+    slope = (at(z + 1e-4) - at(z - 1e-4)) / 2e-4
+    assert abs(auto - at(z)) <= 5 * abs(slope) * se + 1e-9
+    for t in (0, 1):  # planted: the KL over one side's completions only
+        z_one = max(kl_by_token[t].mean(), 0.0)
+        assert abs(at(z_one) - at(z)) > 10 * (5 * abs(slope) * se)
+
+
 def test_batch_level_errors(x64):
     dist, head, w, _ = _setup()
     with pytest.raises(ValueError, match="aot_unpaired.*batch-level"):
