@@ -137,15 +137,57 @@ def _quiet_exit(signum, frame):
 _REDELIVER = None  # threading.Event set by _unraisable; a daemon thread then re-raises the first Ctrl-C
 
 
+#: SIGINTs re-delivered by :func:`_redeliverer` (they reach the wakeup pipe too, and are not the user's)
+_REDELIVERED = 0
+
+
 def _redeliverer(event) -> None:
     import _thread
     import time
 
+    global _REDELIVERED
     while True:
         event.wait()
         event.clear()
         time.sleep(0.05)  # outside the callback that swallowed it
+        _REDELIVERED += 1
         _thread.interrupt_main(signal.SIGINT)
+
+
+def _start_second_interrupt_watch() -> None:
+    """Make a second Ctrl-C end the process at once even while the main thread is inside XLA.
+
+    Python runs a signal handler only when the main thread returns to the interpreter, so while a chunk
+    computes (C code, tens of seconds) the handler's ``os._exit`` waits for it. ``signal.set_wakeup_fd``
+    has the C-level handler write each signal's number to a pipe at once; a daemon thread reads it and, at
+    the second user Ctrl-C (re-deliveries of a swallowed first one not counted), exits 130 as
+    :func:`second_interrupt` does. Must be called from the main thread.
+    """
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # not the main thread, or no wakeup support: the handlers alone decide
+        os.close(r)
+        os.close(w)
+        return
+
+    def watch():
+        seen = 0
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            seen += data.count(bytes([int(signal.SIGINT)]))
+            if seen - _REDELIVERED >= 2:
+                second_interrupt(_current_command)
+
+    threading.Thread(target=watch, name="dpo-sims-second-sigint", daemon=True).start()
 
 
 def _start_redeliverer() -> None:
@@ -267,6 +309,7 @@ def main(argv=None) -> int:
         _PROCESS_ENTRY, _current_command, _INTERRUPTS, _RECEIVED = True, command, 0, 0
         signal.signal(signal.SIGINT, _on_sigint)
         _start_redeliverer()
+        _start_second_interrupt_watch()
         sys.unraisablehook = _unraisable
     interrupted = False
     try:
@@ -334,4 +377,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m sims.cli``: run the package's module, not this ``__main__`` copy, so that the UsageError
+    # the commands raise (imported from ``sims.cli``) is the class main() catches (one line, exit 2)
+    from sims.cli import main as _package_main
+
+    sys.exit(_package_main())

@@ -191,6 +191,16 @@ def test_help_does_not_import_jax(argv):
     assert res.stdout.strip().endswith("NO-JAX") and "usage: dpo-sims" in res.stdout
 
 
+def test_python_dash_m_sims_cli_gives_one_line_errors(tmp_path):
+    """``python -m sims.cli`` (the module as __main__) raised its UsageErrors as tracebacks with exit 1: the
+    commands raise sims.cli.UsageError, a different class from __main__'s."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "sims.cli", "verify", str(tmp_path / "missing.zarr")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "missing.zarr" in res.stderr
+
+
 def test_command_table_matches_the_modules():
     from sims import cli, simulate
 
@@ -255,6 +265,51 @@ def test_double_ctrl_c_exits_130_without_a_crash(tmp_path):
         assert proc.returncode == 130, (i, proc.returncode, err[-2000:])
         assert "Segmentation" not in err and "Fatal Python error" not in err, (i, err[-2000:])
         assert "Traceback" not in err and "Exception ignored" not in err, (i, err[-2000:])
+
+
+LONG_CHUNK_TOML = """\
+name = "long"
+seeds = 2
+[base]
+d = 2
+n = 512
+n_eval = 64
+steps = 100000
+record_every = 100
+[grid]
+lr = {linspace = [0.01, 0.3, 12]}
+"""
+
+
+def test_second_ctrl_c_during_a_running_chunk_exits_at_once(tmp_path):
+    """A second Ctrl-C while XLA computes a chunk: Python runs its handler only when XLA returns, so it used
+    to wait for the whole chunk (and then printed only 'interrupted'). Now the C-level wakeup fd wakes a
+    watcher thread: exit 130 within seconds with the 'interrupted again' line, though the chunk needs more."""
+    cfg = tmp_path / "long.toml"
+    cfg.write_text(LONG_CHUNK_TOML)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "l.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "sims", "sweep", str(cfg), "--out", str(out), "--no-progress",
+                             "--chunk-size", "6"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=_sigint_default, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (out / "chunk_done" / "0").exists():  # chunk 0 saved: chunk 1 (compiled already) is running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=300)[1]
+        waited = time.monotonic() - t0
+        assert proc.returncode == 130, (proc.returncode, err[-1000:])
+        assert "interrupted again" in err, err[-1000:]
+        assert waited < 10, waited
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 # ------------------------------------------------------------------ reproduce --real: inputs first, honest time

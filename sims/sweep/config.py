@@ -474,7 +474,9 @@ def _cross_checks(cfg: SweepConfig) -> None:
               "of those losses")
     _check_objectives(cfg, where)
     if cfg.base["mode"] != "population" and cfg.num_configs * cfg.seeds > 50_000_000:
-        _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds is too many; shrink the grid")
+        _fail(src, "grid", f"{cfg.num_configs} configurations x {cfg.seeds} seeds = {cfg.num_configs * cfg.seeds} "
+              "empirical runs is above the hard limit of 50000000 (--allow-huge does not lift it: the per-seed "
+              "arrays alone would not fit); shrink the grid or the seeds, or use mode = \"population\"")
 
 
 _HEAD_FIELDS = ("distinguishability", "weight", "angle", "kappa", "p", "init_offset", "aligned_head_norm")
