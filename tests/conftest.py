@@ -1,8 +1,33 @@
+import gc
+import os
+
 import jax
 import numpy as np
 import pytest
 
 import dynamics as dd
+
+# Every XLA:CPU executable keeps its own memory mappings until it is freed, and a test worker that
+# compiles a few thousand programs reaches the kernel's per-process limit (vm.max_map_count,
+# 65530 by default): LLVM then fails with "Cannot allocate memory" or the worker segfaults inside
+# the compiler. Free JAX's compilation caches whenever a worker holds many mappings.
+_MAPS_LIMIT = int(os.environ.get("DPO_TEST_MAPS_LIMIT", "20000"))
+
+
+def _n_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_jit_caches():
+    yield
+    if _n_maps() > _MAPS_LIMIT:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
