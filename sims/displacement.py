@@ -487,21 +487,26 @@ def _figure_a(cfg, runs, sft, path):
     ax.set_ylabel("E log π(y_w|x) (nats)")
     ax.set_title(f"chosen log-prob, β = {cfg['betas'][i1]:g} (lines: population, dots: N = {cfg['n']:,})")
     ax.legend(fontsize=7, ncol=2)
-    names = list(runs)
-    y = np.arange(len(names))
-    hgt = 0.8 / len(cfg["betas"])
-    for i, b in enumerate(cfg["betas"]):
-        vals = [runs[n]["population"]["logps_chosen_mean"][i, -1] - runs[n]["population"]["logps_chosen_mean"][i, 0]
-                for n in names]
-        bx.barh(y + (i - (len(cfg["betas"]) - 1) / 2) * hgt, vals, height=hgt, label=f"β = {b:g}")
-    bx.axvline(0, color="k", lw=0.8)
-    bx.set_yticks(y, names, fontsize=8)
-    bx.invert_yaxis()
-    bx.set_xlabel("Δ E log π(y_w|x) over DPO (population, nats); < 0: displacement")
-    bx.legend(fontsize=8)
+    logp = {n: r["population"]["logps_chosen_mean"] for n, r in runs.items()}
+    _bars_by_beta(bx, cfg["betas"], {n: [v[i, -1] - v[i, 0] for i in range(len(cfg["betas"]))] for n, v in logp.items()},
+                  0.0, "Δ E log π(y_w|x) over DPO (population, nats); < 0: displacement")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bars_by_beta(ax, betas, values, line_at, xlabel):
+    """Horizontal bars, one group per objective (``values[name][i]`` at ``betas[i]``), a rule at ``line_at``."""
+    names = list(values)
+    y = np.arange(len(names))
+    hgt = 0.8 / len(betas)
+    for i, b in enumerate(betas):
+        ax.barh(y + (i - (len(betas) - 1) / 2) * hgt, [values[n][i] for n in names], height=hgt, label=f"β = {b:g}")
+    ax.axvline(line_at, color="k", lw=0.8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8)
 
 
 def _figure_b(cfg, runs, sft, ren, beta, i1, path):
@@ -563,17 +568,10 @@ def _figure_d(cfg, runs, rows, path):
     ax.set_ylabel("fraction of the behaviour's own loss drop")
     ax.set_title(f"sigmoid, β = {cfg['betas'][i1]:g} (population)")
     ax.legend(fontsize=8)
-    names = list(rows)
-    y = np.arange(len(names))
-    hgt = 0.8 / len(cfg["betas"])
-    for i, b in enumerate(cfg["betas"]):
-        vals = [rows[n]["population"][_beta_key(b)]["ratio_weak_over_strong"] for n in names]
-        bx.barh(y + (i - (len(cfg["betas"]) - 1) / 2) * hgt, vals, height=hgt, label=f"β = {b:g}")
-    bx.axvline(1, color="k", lw=0.8)
-    bx.set_yticks(y, names, fontsize=8)
-    bx.invert_yaxis()
-    bx.set_xlabel("τ_weak / τ_strong (population); > 1: the more distinguishable behaviour first")
-    bx.legend(fontsize=8)
+    _bars_by_beta(bx, cfg["betas"],
+                  {n: [r["population"][_beta_key(b)]["ratio_weak_over_strong"] for b in cfg["betas"]]
+                   for n, r in rows.items()},
+                  1.0, "τ_weak / τ_strong (population); > 1: the more distinguishable behaviour first")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
