@@ -346,7 +346,7 @@ def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hpara
     lr = _traced_lr("lr", lr, dtype, optimizer)
     w0 = w0.astype(dtype)
     w_ref = None if w_ref is None else w_ref.astype(dtype)
-    data = {"train": _prep_split(train, table, w_ref, w0, dtype), "eval": _prep_split(held_out, table, w_ref, w0, dtype)}
+    data = {name: _prep_split(split, table, w_ref, w0, dtype) for name, split in (("train", train), ("eval", held_out))}
     pair_loss, pair_metrics = _pair_fns(loss_type, static_hparams, beta, loss_weights, hparams, dtype)
     step_idx, recs, ws, _ = _fit(w0, make_optimizer(optimizer, lr), data, _PAIR_FIELDS, pair_loss, pair_metrics,
                                  key=key, num_behaviors=num_behaviors, steps=steps, record_every=record_every,
