@@ -47,7 +47,8 @@ class Representation:
       b_init: ``(d, r)`` LoRA's ``B`` at step 0 (``None``: full ``A``).
       c_init: ``(r, d_φ)`` LoRA's ``C`` at step 0 (``None``: full ``A``).
 
-    Build with :meth:`create` (it validates).
+    Build with :meth:`create` (it validates). Source: docs/theory.md §10.1; Hu et al. 2021, "LoRA: Low-Rank
+    Adaptation of Large Language Models" (arXiv:2106.09685) for the low-rank form and its initialisation.
     """
 
     a_ref: jax.Array
@@ -71,6 +72,8 @@ class Representation:
         Raises:
           ValueError: a non-2-D or non-finite matrix, shapes that disagree, ``rank`` ≤ 0 or above
             ``min(d, d_φ)``, ``b_init`` / ``c_init`` without ``rank``, a missing ``key``.
+
+        Source: docs/theory.md §10.1.
         """
         dtype = jnp.result_type(float)
         for name, value in (("a_init", a_init), ("a_ref", a_ref), ("b_init", b_init), ("c_init", c_init)):
@@ -206,6 +209,8 @@ class RepresentationTrajectory(NamedTuple):
       weights: ``(K,)`` behaviour weights (as :class:`dynamics.vocab.VocabTrajectory`).
       w: ``(T, V, d)`` the head at the recorded steps. a: ``(T, d, d_φ)`` the effective ``A``.
       params: the final parameters, ``{"w": W, "a": A}`` or ``{"w": W, "b": B, "c": C}``.
+
+    :meth:`mean` is :meth:`dynamics.vocab.VocabTrajectory.mean`. Source: docs/theory.md §10.2.
     """
 
     steps: jax.Array
