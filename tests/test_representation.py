@@ -79,6 +79,8 @@ def test_population_gradient_matches_finite_differences(loss_type, v):
     np.testing.assert_allclose(g_w, fd_w, atol=1e-7)
     np.testing.assert_allclose(g_a, fd_a, atol=1e-7)
     np.testing.assert_allclose(float(one.grad_norm[0]), np.sqrt(np.sum(fd_w**2) + np.sum(fd_a**2)), rtol=1e-6)
+    # one G behind both gradients: the first-order change of WᵀW − AAᵀ vanishes (docs/theory.md §10.3)
+    np.testing.assert_allclose(g_w.T @ w0 + w0.T @ g_w, g_a @ a0.T + a0 @ g_a.T, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- frozen = last layer
