@@ -29,6 +29,9 @@ from .population import (
 from .vocab import (VocabTrajectory, logp_change_decomposition, pair_tokens, per_pair_metrics, sft_then_dpo,
                     vocab_empirical_trajectory)  # V-token empirical layer (docs/theory.md §7)
 from .vocab_population import vocab_population_trajectory  # V-token population layer (docs/theory.md §7)
+from .representation import (Representation, RepresentationTrajectory, effective_heads,
+                             representation_empirical_trajectory, representation_population_trajectory,
+                             representation_properties)  # x = A φ trained with the head (docs/theory.md §10)
 from .sequence import (SequencePreference, sequence_empirical_trajectory, sequence_logp_change_decomposition,
                        sequence_pair_metrics, sequence_population_trajectory)  # L-position responses (§9)
 
@@ -49,4 +52,6 @@ __all__ = [
     "pair_tokens", "sft_then_dpo", "logp_change_decomposition",
     "SequencePreference", "sequence_empirical_trajectory", "sequence_population_trajectory", "sequence_pair_metrics",
     "sequence_logp_change_decomposition",
+    "Representation", "RepresentationTrajectory", "representation_population_trajectory",
+    "representation_empirical_trajectory", "representation_properties", "effective_heads",
 ]

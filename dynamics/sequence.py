@@ -33,11 +33,11 @@ import numpy as np
 from flax import struct
 
 from ._checks import check_choice, check_in_range, check_int, check_scalar, is_concrete
-from ._train import check_batch_size, check_schedule, epoch_orders, make_optimizer, minibatch_index, run_recorded
+from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded
 from .distributions import GaussianPreference, _psd_sqrt
 from .head import Head
-from .vocab import (VocabTrajectory, _behavior_mean, _check_head, _objective, _run_recorded_once, _split_hparams,
-                    _static_loss_type, _validate_objective, per_pair_metrics)
+from .vocab import (VocabTrajectory, _check_head, _fit, _objective, _split_hparams, _static_loss_type, _traced_beta,
+                    _traced_lr, _validate_objective, _vocab_results, per_pair_metrics)
 
 __all__ = ["SequencePreference", "SEQUENCE_METRICS", "sequence_pair_metrics", "sequence_empirical_trajectory",
            "sequence_population_trajectory", "sequence_logp_change_decomposition", "expected_ches",
@@ -301,19 +301,11 @@ def sequence_empirical_trajectory(dist, key, *, head: Head, loss_type="sigmoid",
                                    "record_every", "batch_size", "lengths"))
 def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hparams, *, loss_type, static_hparams,
            num_behaviors, optimizer, steps, record_every, batch_size, lengths):
-    import equinox as eqx
-    import optax
-
     dtype = jnp.result_type(train[0].dtype, float)
-    k = num_behaviors
-    beta = jnp.asarray(beta, dtype)
-    lr = jnp.asarray(lr, dtype)
-    beta = eqx.error_if(beta, ~(beta > 0), "beta must be > 0 (a value under jit/vmap was <= 0 or NaN); pass beta > 0")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        lr = eqx.error_if(lr, ~(lr > 0), "lr must be > 0 (a value under jit/vmap was <= 0 or NaN); pass lr > 0")
+    beta = _traced_beta(beta, dtype)
+    lr = _traced_lr("lr", lr, dtype, optimizer)
     w0 = w0.astype(dtype)
     w_ref = None if w_ref is None else w_ref.astype(dtype)
-    opt = make_optimizer(optimizer, lr)
     hp = dict(hparams, lengths=lengths) if lengths is not None else hparams
 
     def prep(split):
@@ -329,56 +321,23 @@ def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hpara
         return dict(xc=xc, xr=xr, beh=beh, yc=yc, yr=yr, rc=rc, rr=rr, lrc=lrc, lrr=lrr, c0=c0, l0r=xr @ w0.T)
 
     data = {"train": prep(train), "eval": prep(held_out)}
-    tr = data["train"]
-    n = tr["xc"].shape[0]
     fields = ("xc", "xr", "yc", "yr", "rc", "rr")
 
     def pair_loss(w, xc, xr, yc, yr, rc, rr):
         c, r = _seq_logps(xc @ w.T, yc), _seq_logps(xr @ w.T, yr)
         return _objective(loss_type, static_hparams, c, r, rc, rr, beta, loss_weights, hp)
 
-    mean_loss = lambda w, *a: jnp.mean(pair_loss(w, *a))
-    grad_fn = jax.grad(mean_loss)
-    order = None if batch_size is None else epoch_orders(key, n, batch_size, steps, tr["xc"].shape[-1])
+    def pair_metrics(w, dd):
+        per = sequence_pair_metrics(dd["xc"] @ w.T, dd["xr"] @ w.T, dd["lrc"], dd["lrr"], dd["yc"], dd["yr"],
+                                    beta=beta, logits0_r=dd["l0r"], x_c=dd["xc"], x_r=dd["xr"])
+        tol = 1e-12 * (1.0 + jnp.abs(dd["c0"]))  # rounding at W = W_0 is not displacement
+        per["displacement"] = (per["logps/chosen"] < dd["c0"] - tol).astype(dtype)
+        return per
 
-    def take(t):
-        arrays = tuple(tr[f] for f in fields)
-        if batch_size is None:
-            return arrays
-        idx = minibatch_index(t, key, order, n, batch_size)
-        return tuple(None if v is None else v[idx] for v in arrays)
-
-    def step_fn(carry):
-        t, w, state = carry
-        g = grad_fn(w, *take(t))
-        updates, state = opt.update(g, state, w)
-        return t + 1, optax.apply_updates(w, updates), state
-
-    def record(carry):
-        t, w, _ = carry
-        out = {}
-        for name, dd in data.items():
-            args = tuple(dd[f] for f in fields)
-            ell = pair_loss(w, *args)
-            g = grad_fn(w, *args)
-            per = sequence_pair_metrics(dd["xc"] @ w.T, dd["xr"] @ w.T, dd["lrc"], dd["lrr"], dd["yc"], dd["yr"],
-                                        beta=beta, logits0_r=dd["l0r"], x_c=dd["xc"], x_r=dd["xr"])
-            per["loss"] = ell
-            tol = 1e-12 * (1.0 + jnp.abs(dd["c0"]))  # rounding at W = W_0 is not displacement
-            per["displacement"] = (per["logps/chosen"] < dd["c0"] - tol).astype(dtype)
-            out[name] = ({m: _behavior_mean(v, dd["beh"], k) for m, v in per.items()}, jnp.mean(ell),
-                         jnp.sqrt(jnp.sum(g * g)))
-        return t, out, w
-
-    carry0 = (jnp.int32(0), w0, opt.init(w0))
-    _, (step_idx, recs, ws) = _run_recorded_once(step_fn, record, carry0, steps, record_every)
-    result = []
-    for name, dd in data.items():
-        metrics, loss_total, gnorm = recs[name]
-        cnt = jax.ops.segment_sum(jnp.ones(dd["beh"].shape, dtype), dd["beh"], k)
-        result.append(VocabTrajectory(steps=step_idx, metrics=metrics, loss_total=loss_total, grad_norm=gnorm,
-                                      weights=cnt / dd["beh"].shape[0], w=ws))
-    return tuple(result)
+    step_idx, recs, ws, _ = _fit(w0, make_optimizer(optimizer, lr), data, fields, pair_loss, pair_metrics, key=key,
+                                 num_behaviors=num_behaviors, steps=steps, record_every=record_every,
+                                 batch_size=batch_size, dim=data["train"]["xc"].shape[-1])
+    return _vocab_results(data, step_idx, recs, ws, num_behaviors, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- population layer

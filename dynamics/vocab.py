@@ -341,84 +341,143 @@ def vocab_empirical_trajectory(dist, key, *, head: Head, loss_type="sigmoid", be
                                    "record_every", "batch_size"))
 def _train(train, held_out, table, key, w_ref, w0, beta, lr, loss_weights, hparams, *, loss_type, static_hparams,
            num_behaviors, optimizer, steps, record_every, batch_size):
+    dtype = jnp.result_type(train[0].dtype, float)
+    beta = _traced_beta(beta, dtype)
+    lr = _traced_lr("lr", lr, dtype, optimizer)
+    w0 = w0.astype(dtype)
+    w_ref = None if w_ref is None else w_ref.astype(dtype)
+    data = {name: _prep_split(split, table, w_ref, w0, dtype) for name, split in (("train", train), ("eval", held_out))}
+    pair_loss, pair_metrics = _pair_fns(loss_type, static_hparams, beta, loss_weights, hparams, dtype)
+    step_idx, recs, ws, _ = _fit(w0, make_optimizer(optimizer, lr), data, _PAIR_FIELDS, pair_loss, pair_metrics,
+                                 key=key, num_behaviors=num_behaviors, steps=steps, record_every=record_every,
+                                 batch_size=batch_size, dim=data["train"]["x"].shape[1])
+    return _vocab_results(data, step_idx, recs, ws, num_behaviors, dtype)
+
+
+def _traced_beta(beta, dtype):
+    import equinox as eqx
+
+    beta = jnp.asarray(beta, dtype)
+    return eqx.error_if(beta, ~(beta > 0), "beta must be > 0 (a value under jit/vmap was <= 0 or NaN); pass beta > 0")
+
+
+def _traced_lr(name, lr, dtype, optimizer, *, allow_zero=False):
     import equinox as eqx
     import optax
 
-    dtype = jnp.result_type(train[0].dtype, float)
-    k = num_behaviors
-    beta = jnp.asarray(beta, dtype)
     lr = jnp.asarray(lr, dtype)
-    beta = eqx.error_if(beta, ~(beta > 0), "beta must be > 0 (a value under jit/vmap was <= 0 or NaN); pass beta > 0")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        lr = eqx.error_if(lr, ~(lr > 0), "lr must be > 0 (a value under jit/vmap was <= 0 or NaN); pass lr > 0")
-    w0 = w0.astype(dtype)
-    w_ref = None if w_ref is None else w_ref.astype(dtype)
-    opt = make_optimizer(optimizer, lr)
+    if isinstance(optimizer, optax.GradientTransformation):
+        return lr
+    if allow_zero:
+        return eqx.error_if(lr, ~(lr >= 0), f"{name} must be >= 0 (a value under jit/vmap was < 0 or NaN); "
+                            f"pass {name} >= 0")
+    return eqx.error_if(lr, ~(lr > 0), f"{name} must be > 0 (a value under jit/vmap was <= 0 or NaN); pass {name} > 0")
 
-    def prep(split):
-        x, s, beh = split
-        x = x.astype(dtype)
-        a, b = table[beh, 0], table[beh, 1]
-        c_tok, r_tok = jnp.where(s > 0, a, b), jnp.where(s > 0, b, a)
-        ref_logits = None if w_ref is None else x @ w_ref.T
-        if ref_logits is None:
-            rc = rr = None
-        else:
-            lpr = jax.nn.log_softmax(ref_logits, axis=-1)
-            rc, rr = _take(lpr, c_tok), _take(lpr, r_tok)
-        c0 = _take(jax.nn.log_softmax(x @ w0.T, axis=-1), c_tok)
-        return dict(x=x, beh=beh, c_tok=c_tok, r_tok=r_tok, ref_logits=ref_logits, rc=rc, rr=rr, c0=c0)
 
-    data = {"train": prep(train), "eval": prep(held_out)}
-    tr = data["train"]
-    n = tr["x"].shape[0]
+#: the per-pair arrays the single-token loss reads, in the order of :func:`_pair_fns`' ``pair_loss``
+_PAIR_FIELDS = ("x", "c_tok", "r_tok", "rc", "rr")
+
+
+def _prep_split(split, table, w_ref, w0, dtype):
+    """Per-pair arrays of one split ``(x, s, behavior)``: tokens, reference log-probs, step-0 chosen log-prob."""
+    x, s, beh = split
+    x = x.astype(dtype)
+    a, b = table[beh, 0], table[beh, 1]
+    c_tok, r_tok = jnp.where(s > 0, a, b), jnp.where(s > 0, b, a)
+    ref_logits = None if w_ref is None else x @ w_ref.T
+    if ref_logits is None:
+        rc = rr = None
+    else:
+        lpr = jax.nn.log_softmax(ref_logits, axis=-1)
+        rc, rr = _take(lpr, c_tok), _take(lpr, r_tok)
+    c0 = _take(jax.nn.log_softmax(x @ w0.T, axis=-1), c_tok)
+    return dict(x=x, beh=beh, c_tok=c_tok, r_tok=r_tok, ref_logits=ref_logits, rc=rc, rr=rr, c0=c0)
+
+
+def _pair_fns(loss_type, static_hparams, beta, loss_weights, hparams, dtype):
+    """``(pair_loss(w, *fields) (n,), pair_metrics(w, split) dict of (n, ...))`` of single-token answers, head ``w``."""
 
     def pair_loss(w, x, c_tok, r_tok, rc, rr):
         lp = jax.nn.log_softmax(x @ w.T, axis=-1)
         return _objective(loss_type, static_hparams, _take(lp, c_tok), _take(lp, r_tok), rc, rr, beta,
                           loss_weights, hparams)
 
-    def mean_loss(w, x, c_tok, r_tok, rc, rr):
-        return jnp.mean(pair_loss(w, x, c_tok, r_tok, rc, rr))
+    def pair_metrics(w, dd):
+        per = per_pair_metrics(dd["x"] @ w.T, dd["ref_logits"], dd["c_tok"], dd["r_tok"], beta=beta)
+        per["displacement"] = (per["logps/chosen"] < dd["c0"]).astype(dtype)
+        return per
 
-    grad_fn = jax.grad(mean_loss)
-    table = None if batch_size is None else epoch_orders(key, n, batch_size, steps, tr["x"].shape[1])
-    fields = ("x", "c_tok", "r_tok", "rc", "rr")
+    return pair_loss, pair_metrics
+
+
+def _tree_norm(tree):
+    """Euclidean (Frobenius) norm over every leaf of a pytree of arrays."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    total = jnp.sum(leaves[0] * leaves[0])
+    for leaf in leaves[1:]:
+        total = total + jnp.sum(leaf * leaf)
+    return jnp.sqrt(total)
+
+
+def _fit(params0, opt, data, fields, pair_loss, pair_metrics, *, key, num_behaviors, steps, record_every,
+         batch_size, dim, recorded=None):
+    """The one empirical training loop of the vocabulary layers (single-token, sequence, representation).
+
+    ``params0`` is any pytree of trainable arrays; ``data`` maps ``"train"`` / ``"eval"`` to dicts of
+    per-pair arrays (``"beh"`` among them); ``pair_loss(params, *[split[f] for f in fields]) -> (n,)``;
+    ``pair_metrics(params, split) -> dict of (n, ...)``. Each step takes the (mini)batch of ``fields``
+    (the order of :func:`dynamics._train.epoch_orders`), ``jax.grad`` of the batch mean in ``params``
+    and the optimizer step. Records at steps ``0, r, …, steps`` the per-behaviour means of
+    ``pair_metrics`` and of ``"loss"``, the mean loss and the gradient norm over all leaves of each
+    split, and ``recorded(params)`` (default ``params``).
+
+    Returns ``(steps (T,), {split: (metrics, loss_total, grad_norm)}, recorded params (T, ...), final params)``.
+    """
+    import optax
+
+    k = num_behaviors
+    tr = data["train"]
+    n = tr["beh"].shape[0]
+    grad_fn = jax.grad(lambda p, *args: jnp.mean(pair_loss(p, *args)))
+    order = None if batch_size is None else epoch_orders(key, n, batch_size, steps, dim)
 
     def take(t):
         arrays = tuple(tr[f] for f in fields)
         if batch_size is None:
             return arrays
-        idx = minibatch_index(t, key, table, n, batch_size)
+        idx = minibatch_index(t, key, order, n, batch_size)
         return tuple(None if v is None else v[idx] for v in arrays)
 
     def step_fn(carry):
-        t, w, state = carry
-        g = grad_fn(w, *take(t))
-        updates, state = opt.update(g, state, w)
-        return t + 1, optax.apply_updates(w, updates), state
+        t, p, state = carry
+        g = grad_fn(p, *take(t))
+        updates, state = opt.update(g, state, p)
+        return t + 1, optax.apply_updates(p, updates), state
 
     def record(carry):
-        t, w, _ = carry
+        t, p, _ = carry
         out = {}
         for name, dd in data.items():
-            args = (dd["x"], dd["c_tok"], dd["r_tok"], dd["rc"], dd["rr"])
-            ell = pair_loss(w, *args)
-            g = grad_fn(w, *args)
-            logits = dd["x"] @ w.T
-            per = per_pair_metrics(logits, dd["ref_logits"], dd["c_tok"], dd["r_tok"], beta=beta)
+            args = tuple(dd[f] for f in fields)
+            ell = pair_loss(p, *args)
+            g = grad_fn(p, *args)
+            per = pair_metrics(p, dd)
             per["loss"] = ell
-            per["displacement"] = (per["logps/chosen"] < dd["c0"]).astype(dtype)
             out[name] = ({m: _behavior_mean(v, dd["beh"], k) for m, v in per.items()}, jnp.mean(ell),
-                         jnp.sqrt(jnp.sum(g * g)))
-        return t, out, w
+                         _tree_norm(g))
+        return t, out, (p if recorded is None else recorded(p))
 
-    carry0 = (jnp.int32(0), w0, opt.init(w0))
-    _, (step_idx, recs, ws) = _run_recorded_once(step_fn, record, carry0, steps, record_every)
+    carry0 = (jnp.int32(0), params0, opt.init(params0))
+    (_, final, _), (step_idx, recs, ps) = _run_recorded_once(step_fn, record, carry0, steps, record_every)
+    return step_idx, recs, ps, final
+
+
+def _vocab_results(data, step_idx, recs, ws, num_behaviors, dtype):
+    """``(train, eval)`` :class:`VocabTrajectory` of :func:`_fit`'s records (``ws``: the recorded heads)."""
     result = []
     for name, dd in data.items():
         metrics, loss_total, gnorm = recs[name]
-        cnt = jax.ops.segment_sum(jnp.ones(dd["beh"].shape, dtype), dd["beh"], k)
+        cnt = jax.ops.segment_sum(jnp.ones(dd["beh"].shape, dtype), dd["beh"], num_behaviors)
         result.append(VocabTrajectory(steps=step_idx, metrics=metrics, loss_total=loss_total, grad_norm=gnorm,
                                       weights=cnt / dd["beh"].shape[0], w=ws))
     return tuple(result)
