@@ -37,12 +37,17 @@ def x64():
         yield
 
 
-def random_dist(rng: np.random.Generator, k: int, d: int, *, kind: str = "full", imbalance: bool = True):
-    """A random K-behaviour Gaussian preference distribution (NumPy float64 inputs)."""
-    mu_pos = rng.normal(size=(k, d)) * 0.8
-    mu_neg = rng.normal(size=(k, d)) * 0.8
+def random_dist_params(rng: np.random.Generator, k: int, d: int, *, kind: str = "full", balanced: bool = False,
+                       symmetric: bool = False, mu_scale: float = 1.0):
+    """A random K-behaviour Gaussian preference distribution and its NumPy float64 parameters.
+
+    ``kind``: "iso", "diag" or "full" covariances; ``balanced``: p = 1/2 and equal weights;
+    ``symmetric``: μ⁻ = −μ⁺ and one covariance for both classes. Returns ``(dist, params)``.
+    """
+    mu_pos = rng.normal(size=(k, d)) * mu_scale
+    mu_neg = -mu_pos if symmetric else rng.normal(size=(k, d)) * mu_scale
     covs = []
-    for _ in range(2):
+    for _ in range(1 if symmetric else 2):
         if kind == "iso":
             c = np.stack([rng.uniform(0.3, 1.5) ** 2 * np.eye(d) for _ in range(k)])
         elif kind == "diag":
@@ -51,9 +56,16 @@ def random_dist(rng: np.random.Generator, k: int, d: int, *, kind: str = "full",
             a = rng.normal(size=(k, d, d)) / np.sqrt(d)
             c = a @ np.swapaxes(a, -1, -2) + 0.2 * np.eye(d)
         covs.append(c)
-    p = rng.uniform(0.2, 0.8, size=k) if imbalance else np.full(k, 0.5)
-    w = rng.dirichlet(np.ones(k)) if imbalance else np.full(k, 1.0 / k)
-    return dd.GaussianPreference.create(mu_pos, mu_neg, covs[0], covs[1], p, w)
+    cov_neg = covs[0] if symmetric else covs[1]
+    p = np.full(k, 0.5) if balanced else rng.uniform(0.2, 0.8, size=k)
+    w = np.full(k, 1.0 / k) if balanced else rng.dirichlet(np.ones(k))
+    params = dict(mu_pos=mu_pos, mu_neg=mu_neg, cov_pos=covs[0], cov_neg=cov_neg, p=p, w=w)
+    return dd.GaussianPreference.create(mu_pos, mu_neg, covs[0], cov_neg, p, w), params
+
+
+def random_dist(rng: np.random.Generator, k: int, d: int, *, kind: str = "full", imbalance: bool = True):
+    """A random K-behaviour Gaussian preference distribution (NumPy float64 inputs, means scaled by 0.8)."""
+    return random_dist_params(rng, k, d, kind=kind, balanced=not imbalance, mu_scale=0.8)[0]
 
 
 @pytest.fixture

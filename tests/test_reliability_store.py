@@ -29,23 +29,14 @@ import sims.store as st
 from sims import sweep as sw
 from sims.cli import UsageError, main
 from sims.store import ResultsStore, verify_store
+from test_store import _template as store_template
 
 CFG = {"name": "t", "description": "first", "base": {"lr": 0.1}, "grid": {"lr": [0.1, 0.2, 0.3]}, "seeds": 2}
 
 
 def _template(n_chunks=3):
     """A 6-config grid in 3 blocks of 2 (``chunk_block`` = (2,)), seeds 2, steps 4 — all missing."""
-    ds = xr.Dataset(
-        {
-            "loss": (("lr", "seed", "step"), np.broadcast_to(np.float32(np.nan), (6, 2, 4))),
-            "diverged": (("lr", "seed"), np.zeros((6, 2), bool)),
-            "chunk_done": (("chunk",), np.zeros(n_chunks, bool)),
-        },
-        coords={"lr": np.linspace(0.1, 0.6, 6), "seed": np.arange(2), "step": np.arange(4) * 5},
-        attrs={"title": "dpo-sims sweep t", "chunk_block": [2]},
-    )
-    enc = {"loss": {"chunks": (2, 2, 4)}, "diverged": {"chunks": (2, 2)}, "chunk_done": {"chunks": (1,)}}
-    return ds, enc
+    return store_template(n_chunks, attrs={"title": "dpo-sims sweep t", "chunk_block": [2]})
 
 
 def _filled(path, resolved=CFG):

@@ -12,8 +12,8 @@ from sims.cli import UsageError
 from sims.store import ResultsStore, available_memory, config_fingerprint, diverged_summary, open_results
 
 
-def _template(n_chunks=3):
-    """A 6-config grid in 3 blocks of 2, seeds 2, steps 4 — all missing."""
+def _template(n_chunks=3, attrs=None):
+    """A 6-config grid in 3 blocks of 2, seeds 2, steps 4 — all missing (``attrs``: the store's attributes)."""
     ds = xr.Dataset(
         {
             "loss": (("lr", "seed", "step"), np.broadcast_to(np.float32(np.nan), (6, 2, 4))),
@@ -21,7 +21,7 @@ def _template(n_chunks=3):
             "chunk_done": (("chunk",), np.zeros(n_chunks, bool)),
         },
         coords={"lr": np.linspace(0.1, 0.6, 6), "seed": np.arange(2), "step": np.arange(4) * 5},
-        attrs={"title": "t"},
+        attrs=attrs or {"title": "t"},
     )
     enc = {"loss": {"chunks": (2, 2, 4)}, "diverged": {"chunks": (2, 2)}, "chunk_done": {"chunks": (1,)}}
     return ds, enc

@@ -16,32 +16,14 @@ import numpy as np
 import pytest
 
 import dynamics as dd
+from conftest import random_dist_params
 from dynamics import theory as th
 
 SQRT2 = np.sqrt(2.0)
 
 
 # ----------------------------------------------------------------- helpers
-def make_dist(rng, k, d, *, kind="full", balanced=False, symmetric=False):
-    """Random distribution from NumPy float64 parameters (kept for independent checks)."""
-    mu_pos = rng.normal(size=(k, d))
-    mu_neg = -mu_pos if symmetric else rng.normal(size=(k, d))
-    covs = []
-    for _ in range(1 if symmetric else 2):
-        if kind == "iso":
-            c = np.stack([rng.uniform(0.3, 1.5) ** 2 * np.eye(d) for _ in range(k)])
-        elif kind == "diag":
-            c = np.stack([np.diag(rng.uniform(0.2, 2.0, size=d)) for _ in range(k)])
-        else:
-            a = rng.normal(size=(k, d, d)) / np.sqrt(d)
-            c = a @ np.swapaxes(a, -1, -2) + 0.2 * np.eye(d)
-        covs.append(c)
-    cov_neg = covs[0] if symmetric else covs[1]
-    p = np.full(k, 0.5) if balanced else rng.uniform(0.2, 0.8, size=k)
-    w = np.full(k, 1.0 / k) if balanced else rng.dirichlet(np.ones(k))
-    params = dict(mu_pos=mu_pos, mu_neg=mu_neg, cov_pos=covs[0], cov_neg=cov_neg, p=p, w=w)
-    dist = dd.GaussianPreference.create(mu_pos, mu_neg, covs[0], cov_neg, p, w)
-    return dist, params
+make_dist = random_dist_params  # random distribution from NumPy float64 parameters (kept for independent checks)
 
 
 def np_components(pr):
