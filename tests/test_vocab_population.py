@@ -389,6 +389,20 @@ def test_dpop_at_the_reference_is_sigmoid():
     np.testing.assert_allclose(grad, exact, rtol=0, atol=1e-12)
 
 
+def test_static_problem_is_a_hashable_jit_key():
+    """Equal fields and class ↔ equal and same hash; another class or field differs; a list field is unhashable."""
+    sp = _vp().StaticProblem
+
+    class Other(sp):
+        pass
+
+    a, b = sp(names=("dpop",), order=None), sp(order=None, names=("dpop",))
+    assert a == b and hash(a) == hash(b) and a.names == ("dpop",)
+    assert a != sp(names=("dpop",), order=8) and a != Other(names=("dpop",), order=None)
+    with pytest.raises(TypeError):
+        hash(sp(names=["dpop"]))
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_bad_input_one_line_errors():
     dist = _dist(0)
