@@ -13,6 +13,8 @@ softmax is shift invariant), a Gaussian of rank ``r ≤ min(V − 1 + rank(P W_r
 * Gradient: Stein's lemma,
   ``∇_W E[g(Wx, W_ref x)] = E[∇_z g] μᵀ + (E[∇_z∇_z g] W + E[∇_z∇_{z_ref} g] W_ref) S``,
   with the derivatives of ``g`` taken by autodiff at the nodes.
+* Kinked objectives (:data:`KINKS`: ``dpop``'s ``max(0, log π_ref(y_w) − log π(y_w))``): a line rule split at
+  the kink and the first-order gradient ``E[∇_z g xᵀ]`` (:func:`_kink_cubature`, docs/theory.md §7.4).
 * Margin-only objectives (``dynamics.losses.objective_margin_loss`` not None) use the exact
   one-dimensional integrals of :mod:`dynamics.gaussian_integrals` instead
   (``h = δ_kᵀ z``, docs/theory.md §3.1), so ``V = 2`` with the paper's head reproduces
@@ -36,7 +38,7 @@ from .head import Head
 from . import reduced
 
 __all__ = ["vocab_population_trajectory", "vocab_population_objective", "vocab_population_gradient",
-           "cubature_rule", "image_rank", "DEFAULT_ORDER", "BATCH_LIMITS", "AOT_PANELS"]
+           "cubature_rule", "image_rank", "DEFAULT_ORDER", "BATCH_LIMITS", "AOT_PANELS", "KINKS", "StaticProblem"]
 
 #: Gauss–Hermite points per dimension of the default tensor rule, by image rank ``r``
 #: (``r`` beyond the table: 4); errors measured in docs/theory.md §7.4
@@ -161,15 +163,14 @@ def _components(dist, pairs):
     return comps, mean_x, chosen, rejected, pairs
 
 
-def _image_nodes(w, w2, mean_x, cov, xi):
-    """Logit nodes ``(n, V)`` of ``W x`` and ``(n, V)`` of ``W2 x`` for ``x ~ N(mean_x, cov)`` on the rule ``xi``.
+def _image_map(w, w2, mean_x, cov, r):
+    """``(u_0 (2V,), root (2V, r), lift (d, r))``: the image ``u = u_0 + root ξ``, ``ξ ~ N(0, I_r)``, and ``E[x | ξ] = mean_x + lift ξ``.
 
     The centred image ``[P W; P W2] x`` is ``N(m, C)``; with ``C = Q Λ Qᵀ`` (top ``r`` eigenpairs,
-    not differentiated) the nodes are ``m + Q Λ^{1/2} ξ`` plus the mean shift of the logits
-    (``1ᵀ W μ / V``), so linear functions of the logits integrate exactly.
+    not differentiated) ``root = Q Λ^{1/2}``, ``u_0 = m`` plus the mean shift of the logits
+    (``1ᵀ W μ / V``), and ``lift = S Bᵀ Q Λ^{-1/2}`` (``B = [P W; P W2]``; zero on null directions). All detached.
     """
     v = w.shape[0]
-    r = xi.shape[-1]
     centre = lambda a: a - jnp.mean(a, axis=0, keepdims=True)
     b = jax.lax.stop_gradient(jnp.concatenate([centre(w), centre(w2)], axis=0))  # (2V, d)
     m = b @ mean_x
@@ -181,9 +182,19 @@ def _image_nodes(w, w2, mean_x, cov, xi):
     # square roots (~1e-8·σ) would perturb nodes that should coincide
     lam = jnp.where(lam > _EIG_RTOL * lam[-1], lam, 0.0)
     root = q * jnp.sqrt(lam)  # (2V, r)
-    u = m + xi @ root.T  # (n, 2V)
+    inv_sqrt = jnp.where(lam > 0, 1.0 / jnp.sqrt(jnp.where(lam > 0, lam, 1.0)), 0.0)
+    lift = cov @ b.T @ (q * inv_sqrt)  # (d, r)
     shift = jnp.concatenate([jnp.full((v,), jnp.mean(w @ mean_x)), jnp.full((v,), jnp.mean(w2 @ mean_x))])
-    return jax.lax.stop_gradient(u + shift)
+    return jax.lax.stop_gradient((m + shift, root, lift))
+
+
+def _image_nodes(w, w2, mean_x, cov, xi):
+    """Logit nodes ``(n, V)`` of ``W x`` and ``(n, V)`` of ``W2 x`` for ``x ~ N(mean_x, cov)`` on the rule ``xi``.
+
+    The nodes are ``u_0 + root ξ`` of :func:`_image_map`, so linear functions of the logits integrate exactly.
+    """
+    u0, root, _ = _image_map(w, w2, mean_x, cov, xi.shape[-1])
+    return jax.lax.stop_gradient(u0 + xi @ root.T)
 
 
 def _component_cubature(g, w, w_ref, mean_x, cov, chosen, rejected, xi, wt, *, need_grad=True):
@@ -202,6 +213,91 @@ def _component_cubature(g, w, w_ref, mean_x, cov, chosen, rejected, xi, wt, *, n
     e_hess = jnp.einsum("n,nij->ij", wt, jax.vmap(jax.jacfwd(jax.grad(gc)))(u))  # (2V, 2V)
     hzz, hzr = e_hess[:v, :v], e_hess[:v, v:]
     return e_val, jnp.outer(e_grad[:v], mean_x) + (hzz @ w + hzr @ w_ref) @ cov
+
+
+#: the line rule across a kink (docs/theory.md §7.4): ``KINK_PANELS`` panels on ``t ∈ [−KINK_HALF_WIDTH, KINK_HALF_WIDTH]``,
+#: each split in two at the kink (or its midpoint) with ``KINK_GL``-point Gauss–Legendre on each half
+KINK_PANELS, KINK_HALF_WIDTH, KINK_GL = 16, 8.0, 8
+#: bisection steps of a kink inside one panel (width 1 → float64 resolution)
+_KINK_STEPS = 60
+
+#: objectives whose per-pair integrand has a kink on one smooth surface of the image, with the kink's coordinate
+#: ``κ(u, chosen)`` (the kink is ``κ = 0``): DPOP's ``max(0, log π_ref(y_w) − log π(y_w))``
+KINKS = ("dpop",)
+
+
+def _kink_coordinate(name, v):
+    if name == "dpop":
+        return lambda u, ch: jax.nn.log_softmax(u[:v])[ch] - jax.nn.log_softmax(u[v:])[ch]
+    raise ValueError(f"no kink coordinate for loss_type {name!r}")  # pragma: no cover - internal
+
+
+@functools.lru_cache(maxsize=None)
+def _kink_rules(r: int, order: int | None):
+    """The ``(r − 1)``-dim Gauss–Hermite rule across the lines and the Gauss–Legendre points on ``[−1, 1]``."""
+    if r == 1:
+        eta, eta_wt = np.zeros((1, 0)), np.ones(1)
+    else:
+        eta, eta_wt = cubature_rule(r - 1, _order(DEFAULT_ORDER, r) if order is None else order)
+    return eta, eta_wt, *np.polynomial.legendre.leggauss(KINK_GL)
+
+
+def _kink_cubature(g, kink, w, w2, mean_x, cov, chosen, rejected, r, order, *, need_grad=True):
+    """``(E g, gradient (V, d) or None)`` of one component whose integrand has a kink on ``κ(u) = 0`` (docs/theory.md §7.4).
+
+    In the whitened image ``ξ ~ N(0, I_r)`` the lines ``ξ = η + t e`` run along ``e ∝ ∇_ξ κ`` at the mean (the
+    kink's normal there); across them an ``(r − 1)``-dim Gauss–Hermite rule in ``η``, along them ``KINK_PANELS``
+    Gauss–Legendre panels, each split at its root of ``κ`` (bisection) when ``κ`` changes sign on it, so each piece
+    is smooth. The gradient is the first-order form ``∇_W E g = E[∇_z g] μᵀ + E[∇_z g ξᵀ] liftᵀ``
+    (``E[x | ξ] = μ + lift ξ``, :func:`_image_map`), which holds for a kinked ``g`` (the Hessian form of
+    :func:`_component_cubature` misses the kink's Dirac term). One root per panel is resolved.
+    """
+    v = w.shape[0]
+    dtype = w.dtype
+    eta, eta_wt, xg, wg = (jnp.asarray(a, dtype) for a in _kink_rules(r, order))
+    u0, root, lift = _image_map(w, w2, mean_x, cov, r)
+    same = jnp.all(w == w2)  # identical heads: identical logits at every node (κ ≡ 0 exactly, as per pair)
+    snap = lambda u: jnp.where(same, jnp.concatenate([u[..., :v], u[..., :v]], axis=-1), u)
+    kc = lambda uu: kink(uu, chosen)
+    normal = root.T @ jax.grad(kc)(snap(u0))
+    size = jnp.sqrt(jnp.sum(normal**2))
+    ok = size > 1e-12 * (1.0 + jnp.max(jnp.abs(root)))
+    e = jnp.where(ok, normal / jnp.where(ok, size, 1.0), jnp.zeros((r,), dtype).at[-1].set(1.0))
+    perp = jnp.linalg.qr(jnp.concatenate([e[:, None], jnp.eye(r, dtype=dtype)], axis=1))[0][:, 1:]  # (r, r − 1)
+    base = eta @ perp.T  # (m, r)
+
+    def kappa(t):  # t (m, ...) → κ on the lines
+        xi = base.reshape((-1,) + (1,) * (t.ndim - 1) + (r,)) + t[..., None] * e
+        return jnp.vectorize(kc, signature="(k)->()")(snap(u0 + xi @ root.T))
+
+    edges = jnp.linspace(-KINK_HALF_WIDTH, KINK_HALF_WIDTH, KINK_PANELS + 1, dtype=dtype)
+    k_edges = kappa(jnp.broadcast_to(edges, (base.shape[0], KINK_PANELS + 1)))
+    lo, hi = jnp.broadcast_to(edges[:-1], k_edges[:, 1:].shape), jnp.broadcast_to(edges[1:], k_edges[:, 1:].shape)
+    change = jnp.sign(k_edges[:, :-1]) * jnp.sign(k_edges[:, 1:]) < 0
+    s_lo = jnp.sign(k_edges[:, :-1])
+
+    def body(_, br):
+        a, b = br
+        mid = 0.5 * (a + b)
+        left = jnp.sign(kappa(mid)) == s_lo
+        return jnp.where(left, mid, a), jnp.where(left, b, mid)
+
+    a, b = jax.lax.fori_loop(0, _KINK_STEPS, body, (lo, hi))
+    split = jax.lax.stop_gradient(jnp.where(change, 0.5 * (a + b), 0.5 * (lo + hi)))
+    ends = jnp.stack([jnp.stack([lo, split], -1), jnp.stack([split, hi], -1)], axis=-2)  # (m, P, 2, 2)
+    half, centre = (ends[..., 1] - ends[..., 0]) / 2, (ends[..., 1] + ends[..., 0]) / 2
+    t = centre[..., None] + half[..., None] * xg  # (m, P, 2, G)
+    wt = half[..., None] * wg * jnp.exp(-0.5 * t**2)
+    wt = eta_wt[:, None, None, None] * wt / jnp.sum(wt, axis=(1, 2, 3), keepdims=True)
+    xi = (base[:, None, None, None, :] + t[..., None] * e).reshape(-1, r)
+    wt = wt.reshape(-1)
+    u = jax.lax.stop_gradient(snap(u0 + xi @ root.T))
+    gc = lambda uu: g(uu, chosen, rejected)
+    e_val = wt @ jax.vmap(gc)(u)
+    if not need_grad:
+        return e_val, None
+    gz = jax.vmap(jax.grad(gc))(u)[:, :v]  # (n, V)
+    return e_val, jnp.outer(wt @ gz, mean_x) + ((gz * wt[:, None]).T @ xi) @ lift.T
 
 
 def _margin_terms(margin, w, w_ref, comps, pairs, beta, label_smoothing):
@@ -350,11 +446,12 @@ def _aot_terms(w, w_ref, comps, mean_x, chosen, rejected, beta, label_smoothing,
     return vals, jax.lax.stop_gradient(jnp.einsum("cv,ci->cvi", rows, gx))
 
 
-class _Problem:
-    """Static description of one population objective (hashable: a jit static argument).
+class StaticProblem:
+    """A record of hashable fields, usable as a ``jax.jit`` static argument (one compile per distinct record).
 
-    ``r_obj`` is the image rank the objective sees (``V − 1`` alone when it needs no reference),
-    ``r_met`` that of ``(W x, W_ref x)`` for the metrics, ``r_disp`` that of ``(W x, W_0 x)``.
+    ``StaticProblem(a=1, b=(2, 3))`` sets the attributes ``a``, ``b``; two records are equal (and hash
+    alike) when they are of the same class and every field is equal. Every value must be hashable
+    (tuples, not lists or arrays): ``TypeError`` from ``hash`` otherwise. Subclass it per layer.
     """
 
     def __init__(self, **kw):
@@ -362,10 +459,18 @@ class _Problem:
         self._key = tuple(sorted(kw.items()))
 
     def __hash__(self):
-        return hash(self._key)
+        return hash((type(self), self._key))
 
     def __eq__(self, other):
-        return isinstance(other, _Problem) and self._key == other._key
+        return type(other) is type(self) and self._key == other._key
+
+
+class _Problem(StaticProblem):
+    """Static description of one population objective (hashable: a jit static argument).
+
+    ``r_obj`` is the image rank the objective sees (``V − 1`` alone when it needs no reference),
+    ``r_met`` that of ``(W x, W_ref x)`` for the metrics, ``r_disp`` that of ``(W x, W_0 x)``.
+    """
 
 
 def _split_hparams(hparams):
@@ -410,11 +515,18 @@ def _objective_and_grad(prob: _Problem, dist, w, w_ref, beta, thp, *, need_grad=
         ls = hparams.get("label_smoothing", 0.0) if uses_label_smoothing(prob.margin) else 0.0  # cdpo, robust
         vals, grads = _margin_terms(prob.margin, w, w_ref, comps, pairs, beta, ls)
     else:
-        xi, wt = _rule(prob.r_obj, prob.order, w.dtype)
         g = _per_node_objective(prob.names, beta, prob.loss_weights, hparams, w.shape[0])
         w2 = w_ref if prob.needs_reference else jnp.zeros_like(w_ref)  # unused reference: r = V − 1
-        vals, grads = jax.vmap(lambda mx, cv, ch, rj: _component_cubature(
-            g, w, w2, mx, cv, ch, rj, xi, wt, need_grad=need_grad))(mean_x, comps.cov, chosen, rejected)
+        kinked = [n for n in prob.names if n in KINKS]
+        if len(kinked) == 1:  # split the lines across the kink (docs/theory.md §7.4)
+            kink = _kink_coordinate(kinked[0], w.shape[0])
+            vals, grads = jax.vmap(lambda mx, cv, ch, rj: _kink_cubature(
+                g, kink, w, w2, mx, cv, ch, rj, prob.r_obj, prob.order, need_grad=need_grad))(
+                mean_x, comps.cov, chosen, rejected)
+        else:
+            xi, wt = _rule(prob.r_obj, prob.order, w.dtype)
+            vals, grads = jax.vmap(lambda mx, cv, ch, rj: _component_cubature(
+                g, w, w2, mx, cv, ch, rj, xi, wt, need_grad=need_grad))(mean_x, comps.cov, chosen, rejected)
     total = jnp.sum(comps.weight * vals)
     grad = None if grads is None else jnp.einsum("c,cvi->vi", comps.weight, grads)
     return total, grad, vals
@@ -483,7 +595,8 @@ def vocab_population_objective(dist, w, *, head, loss_type="sigmoid", beta=1.0, 
     ``L_total = Σ_c π_c E_c[f]`` over the mixture components (nats for the log-sigmoid
     family; docs/theory.md §7.3); per behaviour the conditional mean. Exact (1-D integrals)
     for margin-only objectives, else the tensor Gauss–Hermite cubature of :func:`cubature_rule`
-    (``cubature_order`` points per dimension; error in docs/theory.md §7.4).
+    (``cubature_order`` points per dimension; error in docs/theory.md §7.4); ``dpop`` (:data:`KINKS`) on lines
+    split at its kink (``cubature_order`` then sets the rule across the lines).
 
     Batch-level objectives: their population limits (docs/theory.md §8.5), as in
     :func:`vocab_population_trajectory`.

@@ -297,6 +297,112 @@ def test_population_matches_empirical_at_large_n(loss_type, lr):
     np.testing.assert_allclose(train.grad_norm, pop.grad_norm, atol=2e-2)
 
 
+# ------------------------------------------------------------------------------------ DPOP's kink
+def _dpop_setting(d):
+    """V = 3, K = 2 on the pairs (0, 1), (2, 1); W ≠ W_ref so the kink log π(y_w) = log π_ref(y_w) cuts the image."""
+    dist = _dist(11, d=d, scale=0.4)
+    rng = np.random.default_rng(11)
+    w_ref = rng.normal(size=(3, d)) * 0.5
+    w = w_ref + rng.normal(size=(3, d)) * 0.4
+    return dist, dynamics.Head.create(w_ref, pairs=((0, 1), (2, 1))), w, w_ref
+
+
+def _np_dpop_mc(dist, w, w_ref, beta, lam, n, seed):
+    """NumPy float64 Monte Carlo of DPOP (Smaug Eq. 3) per mixture component: value, ∇_W (analytic per pair), SEs."""
+    comps = dist.components()
+    pairs = np.array(((0, 1), (2, 1)))
+    rng = np.random.default_rng(seed)
+    val, var, grad, gvar = 0.0, 0.0, np.zeros_like(w), np.zeros_like(w)
+    for c in range(len(comps.weight)):
+        pw, sg = float(comps.weight[c]), float(comps.sign[c])
+        a, b = pairs[int(comps.behavior[c])]
+        ch, rj = (a, b) if sg > 0 else (b, a)
+        x = sg * np.asarray(comps.mean[c]) + rng.standard_normal((n, w.shape[1])) @ np.linalg.cholesky(
+            np.asarray(comps.cov[c])).T
+        lp, lpr = _np_logsoftmax((x @ w.T).T), _np_logsoftmax((x @ w_ref.T).T)
+        pen = lpr[ch] - lp[ch]
+        arg = beta * ((lp[ch] - lpr[ch]) - (lp[rj] - lpr[rj]) - lam * np.maximum(pen, 0.0))
+        f = -log_expit(arg)
+        dfd = -expit(-arg) * beta  # ∂f/∂(margin − λ·penalty) · β
+        pi = np.exp(lp)
+        gz = -(dfd * (1 + lam * (pen > 0)))[None] * pi - (-dfd)[None] * pi  # the −π parts of ∂c/∂z, ∂r/∂z
+        gz[ch] += dfd * (1 + lam * (pen > 0))
+        gz[rj] -= dfd
+        per = np.einsum("vn,ni->nvi", gz, x)
+        val += pw * f.mean()
+        var += pw**2 * f.var() / n
+        grad += pw * per.mean(0)
+        gvar += pw**2 * per.var(0) / n
+    return val, np.sqrt(var), grad, np.sqrt(gvar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [2, 3])
+def test_dpop_kink_split_against_monte_carlo(d):
+    """DPOP (λ = 50): value and every gradient entry within 5 standard errors of 3·10⁵ NumPy pairs per component.
+
+    d = 2 is the degenerate image (r = 2 < 2V − 2: no direction moves z_w alone). The smooth Hessian-form rule
+    (the kink's Dirac term missed) is planted and must fail the same gradient check (off by > 15 errors).
+    """
+    dist, head, w, w_ref = _dpop_setting(d)
+    beta, lam = 0.5, 50.0
+    vp = _vp()
+    kw = dict(head=head, loss_type="dpop", beta=beta, dpop_lambda=lam)
+    val = float(vp.vocab_population_objective(dist, w, **kw)[0])
+    grad = np.asarray(vp.vocab_population_gradient(dist, w, **kw))
+    mc, se, g_mc, g_se = _np_dpop_mc(dist, w, w_ref, beta, lam, 300_000, seed=d)
+    assert abs(val - mc) <= 5 * se
+    assert np.all(np.abs(grad - g_mc) <= 5 * g_se + 1e-12), (grad - g_mc) / g_se
+    # planted: the Hessian (smooth) form of the Stein gradient on the tensor rule
+    comps, mean_x, chosen, rejected, _ = vp._components(dist, np.array(((0, 1), (2, 1))))
+    g = vp._per_node_objective(("dpop",), beta, None, {"dpop_lambda": lam}, 3)
+    xi, wt = vp._rule(vp.image_rank(w_ref, d), None, np.float64)
+    per_c = jax.jit(jax.vmap(lambda mx, cv, ch, rj: vp._component_cubature(g, w, w_ref, mx, cv, ch, rj, xi, wt)[1]))
+    smooth = np.einsum("c,cvi->vi", comps.weight, per_c(mean_x, comps.cov, chosen, rejected))
+    assert np.max(np.abs(smooth - g_mc) / g_se) > 15
+
+
+def test_dpop_gradient_is_the_derivative_of_the_split_value():
+    """Central differences of the kink-split value (its split points move with W) vs the first-order gradient.
+
+    The Hessian-form gradient on the smooth rule (the previous implementation) is off by ~0.2 here.
+    """
+    dist, head, w, _ = _dpop_setting(2)
+    vp = _vp()
+    kw = dict(head=head, loss_type="dpop", beta=0.5, dpop_lambda=50.0)
+    grad = np.asarray(vp.vocab_population_gradient(dist, w, **kw))
+    h = 1e-5
+    for direction in np.random.default_rng(2).normal(size=(2,) + w.shape):
+        fd = (float(vp.vocab_population_objective(dist, w + h * direction, **kw)[0])
+              - float(vp.vocab_population_objective(dist, w - h * direction, **kw)[0])) / (2 * h)
+        np.testing.assert_allclose(np.sum(grad * direction), fd, rtol=1e-7, atol=1e-8)
+
+
+def test_dpop_at_the_reference_is_sigmoid():
+    """W = W_ref: ρ_w ≡ 0, the penalty is 0 and (relu'(0) = 0, as per pair) the gradient is sigmoid's, exactly."""
+    dist, head, _, w_ref = _dpop_setting(2)
+    vp = _vp()
+    val = float(vp.vocab_population_objective(dist, w_ref, head=head, loss_type="dpop", beta=0.5)[0])
+    grad = np.asarray(vp.vocab_population_gradient(dist, w_ref, head=head, loss_type="dpop", beta=0.5))
+    exact = np.asarray(vp.vocab_population_gradient(dist, w_ref, head=head, loss_type="sigmoid", beta=0.5))
+    np.testing.assert_allclose(val, np.log(2.0), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(grad, exact, rtol=0, atol=1e-12)
+
+
+def test_static_problem_is_a_hashable_jit_key():
+    """Equal fields and class ↔ equal and same hash; another class or field differs; a list field is unhashable."""
+    sp = _vp().StaticProblem
+
+    class Other(sp):
+        pass
+
+    a, b = sp(names=("dpop",), order=None), sp(order=None, names=("dpop",))
+    assert a == b and hash(a) == hash(b) and a.names == ("dpop",)
+    assert a != sp(names=("dpop",), order=8) and a != Other(names=("dpop",), order=None)
+    with pytest.raises(TypeError):
+        hash(sp(names=["dpop"]))
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_bad_input_one_line_errors():
     dist = _dist(0)
