@@ -36,6 +36,7 @@ from ._checks import check_choice, check_in_range, check_int, check_scalar, is_c
 from ._train import check_batch_size, check_schedule, make_optimizer, run_recorded
 from .distributions import GaussianPreference, _psd_sqrt
 from .head import Head
+from .vocab_population import StaticProblem
 from .vocab import (VocabTrajectory, _check_head, _fit, _objective, _split_hparams, _static_loss_type, _traced_beta,
                     _traced_lr, _validate_objective, _vocab_results, per_pair_metrics)
 
@@ -363,18 +364,8 @@ def qmc_normal_rule(dim: int, points: int, seed: int = 0):
     return ndtri(np.clip(u, 1e-16, 1 - 1e-16))
 
 
-class _SeqProblem:
-    """Static description (hashable: a jit static argument)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-        self._key = tuple(sorted(kw.items()))
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, _SeqProblem) and self._key == other._key
+class _SeqProblem(StaticProblem):
+    """Static description of a sequence population problem (hashable: a jit static argument)."""
 
 
 def _seq_node_objective(prob, beta, hparams, v):
