@@ -56,7 +56,7 @@ __all__ = [
 
 STUDIES = ("Q1", "Q2", "Q3", "Q4", "Q5")
 #: studies with a module of their own (not in "all"): name → module (``sims.displacement.run_displacement``)
-EXTRA_STUDIES = {"displacement": "sims.displacement"}
+EXTRA_STUDIES = {"displacement": "sims.displacement", "representation": "sims.representation_study"}
 
 CONFIG_TOML = r'''
 # Embedded study configs. Units: steps (optimizer steps), nats (losses, margins).
@@ -1306,11 +1306,11 @@ def register(sub) -> None:
         "findings section (NAME.md), a figure (NAME.png) and the numbers (NAME.json) to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5, displacement or all (Q1–Q5)")
+    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5, displacement, representation or all (Q1–Q5)")
     p.add_argument("--quick", action="store_true", help="small configs (about a minute each on 2 CPU cores)")
     p.add_argument("--out", default="study-results", help="output folder")
     p.add_argument("--part", default=None,
-                   help="displacement only: comma-separated parts among a,b,c,d (default: all)")
+                   help="displacement: comma-separated parts among a,b,c,d; representation: among 1,2,3,4 (default: all)")
     p.set_defaults(func=run)
 
 
@@ -1321,6 +1321,11 @@ def run(args) -> int:
         from .displacement import run_displacement
 
         run_displacement(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
+        return 0
+    if str(args.name).lower() == "representation":
+        from .representation_study import run_representation
+
+        run_representation(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
         return 0
     if getattr(args, "part", None) is not None:
         raise UsageError(f"--part applies to the displacement study only; drop it for study {args.name}")
