@@ -55,6 +55,7 @@ CONFIG = {
     "misalign_steps": 200,
     "misalign_lr": 0.5,
     "fine_record_every": 1,  # parts 2 and 4 (steps until flip, learning times)
+    "p3_d": 2,
     "p3_distinguishability": 2.0,
     "p3_steps": 100,
     "p3_lr": 0.5,
@@ -165,15 +166,16 @@ def observed_order(tau) -> list:
 
 
 # ============================================================================ model
-def _model(cfg, distinguishability, vocab_size=2, pairs=None, angle=None):
+def _model(cfg, distinguishability, vocab_size=2, pairs=None, d=None):
+    """``(dist, head, rep)``: φ ~ ``from_angles`` (dimension ``d``, default ``cfg["d"]``), ``W_ref = W_0`` of
+    scale ``w0_scale`` (seed ``cfg["seed"]``), ``A_0 = I`` (``A_ref = A_0``)."""
     import jax
     import jax.numpy as jnp
 
     import dynamics as dd
 
-    d = cfg["d"] if angle is None or vocab_size == 2 else 2
-    dist = dd.GaussianPreference.from_angles(distinguishability, angles_deg=cfg["angle_deg"] if angle is None else angle,
-                                             d=d, sigma=cfg["sigma"])
+    d = cfg["d"] if d is None else d
+    dist = dd.GaussianPreference.from_angles(distinguishability, angles_deg=cfg["angle_deg"], d=d, sigma=cfg["sigma"])
     dtype = jnp.result_type(float)
     w0 = cfg["w0_scale"] * jax.random.normal(jax.random.key(cfg["seed"]), (vocab_size, d), dtype)
     head = dd.Head.create(w0, w0, pairs=pairs)
@@ -275,7 +277,7 @@ def _part2(cfg, p1, model):
 
 
 def _part3(cfg):
-    dist, head, rep = _model(cfg, [cfg["p3_distinguishability"]], vocab_size=3, pairs=((1, 2),), angle=0.0)
+    dist, head, rep = _model(cfg, [cfg["p3_distinguishability"]], vocab_size=3, pairs=((1, 2),), d=cfg["p3_d"])
     out = {}
     for label, lra in (("lr_adapter=0", 0.0), (f"lr_adapter={cfg['p3_lr_adapter']:g}", cfg["p3_lr_adapter"])):
         tr = _pop(dist, head, rep, steps=cfg["p3_steps"], record_every=cfg["record_every"], beta=cfg["beta"],

@@ -22,8 +22,9 @@ vmapped over their configurations. Every study prints its key numbers and writes
   prediction and the empirical dynamics for Laplace, Student-t and mixtures.
 
 ``dpo-sims study displacement`` (likelihood displacement in the answer-vocabulary model, its own
-module :mod:`sims.displacement`, parts chosen with ``--part``) is dispatched from :func:`run`; it is
-not part of ``all``.
+module :mod:`sims.displacement`, parts chosen with ``--part``) and ``dpo-sims study representation``
+(a trainable representation ``x = A φ``, :mod:`sims.representation_study`, parts 1–4) are dispatched
+from :func:`run`; they are not part of ``all``.
 
 Time-to-learn (:func:`time_to_learn`, docs/findings.md): for behaviour ``k``
 the progress measure is its mean reward margin on a fresh pair,
@@ -1328,7 +1329,8 @@ def run(args) -> int:
         run_representation(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
         return 0
     if getattr(args, "part", None) is not None:
-        raise UsageError(f"--part applies to the displacement study only; drop it for study {args.name}")
+        raise UsageError(f"--part applies to the displacement study only (and representation); drop it for study "
+                         f"{args.name}")
     names = list(STUDIES) if str(args.name).lower() == "all" else [_canonical(args.name)]
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder; pass a folder path")
