@@ -22,8 +22,9 @@ vmapped over their configurations. Every study prints its key numbers and writes
   prediction and the empirical dynamics for Laplace, Student-t and mixtures.
 
 ``dpo-sims study displacement`` (likelihood displacement in the answer-vocabulary model, its own
-module :mod:`sims.displacement`, parts chosen with ``--part``) is dispatched from :func:`run`; it is
-not part of ``all``.
+module :mod:`sims.displacement`, parts chosen with ``--part``) and ``dpo-sims study representation``
+(a trainable representation ``x = A φ``, :mod:`sims.representation_study`, parts 1–4) are dispatched
+from :func:`run`; they are not part of ``all``.
 
 Time-to-learn (:func:`time_to_learn`, docs/findings.md): for behaviour ``k``
 the progress measure is its mean reward margin on a fresh pair,
@@ -56,7 +57,7 @@ __all__ = [
 
 STUDIES = ("Q1", "Q2", "Q3", "Q4", "Q5")
 #: studies with a module of their own (not in "all"): name → module (``sims.displacement.run_displacement``)
-EXTRA_STUDIES = {"displacement": "sims.displacement"}
+EXTRA_STUDIES = {"displacement": "sims.displacement", "representation": "sims.representation_study"}
 
 CONFIG_TOML = r'''
 # Embedded study configs. Units: steps (optimizer steps), nats (losses, margins).
@@ -1306,11 +1307,11 @@ def register(sub) -> None:
         "findings section (NAME.md), a figure (NAME.png) and the numbers (NAME.json) to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5, displacement or all (Q1–Q5)")
+    p.add_argument("name", help="Q1, Q2, Q3, Q4, Q5, displacement, representation or all (Q1–Q5)")
     p.add_argument("--quick", action="store_true", help="small configs (about a minute each on 2 CPU cores)")
     p.add_argument("--out", default="study-results", help="output folder")
     p.add_argument("--part", default=None,
-                   help="displacement only: comma-separated parts among a,b,c,d (default: all)")
+                   help="displacement: comma-separated parts among a,b,c,d; representation: among 1,2,3,4 (default: all)")
     p.set_defaults(func=run)
 
 
@@ -1322,8 +1323,14 @@ def run(args) -> int:
 
         run_displacement(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
         return 0
+    if str(args.name).lower() == "representation":
+        from .representation_study import run_representation
+
+        run_representation(args.out, quick=args.quick, parts=getattr(args, "part", None))  # checks --part, --out
+        return 0
     if getattr(args, "part", None) is not None:
-        raise UsageError(f"--part applies to the displacement study only; drop it for study {args.name}")
+        raise UsageError(f"--part applies to the displacement study only (and representation); drop it for study "
+                         f"{args.name}")
     names = list(STUDIES) if str(args.name).lower() == "all" else [_canonical(args.name)]
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder; pass a folder path")
