@@ -13,6 +13,9 @@ finds the one-line message in it: the public functions that run the compiled cod
 re-raise it as a one-line ``ValueError`` (:func:`one_line_check_errors`), and ``dpo-sims`` prints
 it and exits 2; JAX's log record of the same failure ("jax.pure_callback failed" and a
 traceback on stderr) is dropped for these checks only. Any other runtime error is untouched.
+Under the caller's own ``jax.jit`` the failure is raised by JAX's dispatch (no package frame is
+on the stack then), so its type stays ``JaxRuntimeError``; uncaught, it is printed as its traceback
+and the one line (:func:`_show_check_error`, the interpreter's ``sys.excepthook``).
 """
 from __future__ import annotations
 
@@ -118,6 +121,35 @@ TRACED_MESSAGES = {
     "label_smoothing": "label_smoothing must lie in [0, 0.5) (a value under jit/vmap was outside); "
                        "pass 0 <= label_smoothing < 0.5",
 }
+
+
+def _traced_message(field: str, rule: str, fix: str) -> str:
+    return f"{field} {rule} (a value under jit/vmap was outside or NaN); {fix}"
+
+
+# the distribution constructors' in-graph checks (GaussianPreference.create / single / from_angles / validate)
+TRACED_MESSAGES.update({
+    "distinguishability": _traced_message("distinguishability", "must be >= 0", "pass distinguishability >= 0"),
+    "sigma": _traced_message("sigma", "must be > 0", "pass sigma > 0 (a standard deviation)"),
+    "p_pos": _traced_message("p_pos", "must lie in [0, 1]", "pass 0 <= p_pos <= 1 (p of single / from_angles)"),
+    "weight": _traced_message("weight", "must be >= 0 and sum to 1", "pass behaviour weights >= 0 divided by "
+                                                                   "their sum"),
+    "angles": _traced_message("angles", "must lie in [0, π] radians", "pass radians in [0, π] (or angles_deg in "
+                                                                      "[0, 180])"),
+    "angles_deg": _traced_message("angles_deg", "must lie in [0, 180] degrees", "pass degrees in [0, 180]"),
+    "angles_symmetric": _traced_message("angles", "must be a symmetric (K, K) matrix", "pass (A + Aᵀ)/2"),
+    "angles_psd": _traced_message("angles", "must give a PSD cosine matrix", "no set of directions has these "
+                                                                            "angles — widen or narrow them"),
+})
+for _name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight"):
+    TRACED_MESSAGES[f"{_name}_finite"] = _traced_message(_name, "must be finite", "pass finite values")
+for _name in ("cov_pos", "cov_neg"):
+    TRACED_MESSAGES[f"{_name}_symmetric"] = _traced_message(_name, "must be symmetric", "pass (Σ + Σᵀ)/2")
+    TRACED_MESSAGES[f"{_name}_diagonal"] = _traced_message(
+        _name, "must have variances >= 0 on its diagonal (a negative one is not PSD)",
+        "pass a PSD covariance (variances >= 0)")
+    TRACED_MESSAGES[f"{_name}_variances"] = _traced_message(f"{_name} (variances)", "must be >= 0",
+                                                            "pass variances >= 0")
 _MESSAGE_SET = frozenset(TRACED_MESSAGES.values())
 
 
@@ -193,6 +225,42 @@ def _install_log_filter() -> None:
 _install_log_filter()
 
 
+def _show_check_error(kind, value, tb) -> None:
+    """``sys.excepthook``: an uncaught error of a failed in-graph check (:data:`TRACED_MESSAGES`) is shown
+    as its traceback and ONE line, ``<its type>: <message>``, in place of the twenty-line text JAX gives
+    it; any other exception goes to the previous hook unchanged.
+
+    Under the caller's own ``jax.jit`` the compiled program runs in JAX's dispatch, after the package's
+    functions have returned (they only traced it), so no package frame can catch the error there; JAX
+    raises a ``JaxRuntimeError`` whose text holds the host callback's whole stack. Its type is kept
+    (``except jax.errors.JaxRuntimeError`` still catches it); only what the interpreter prints changes.
+    """
+    message = traced_check_message(value) if isinstance(value, Exception) and not isinstance(value, ValueError) \
+        else None
+    if message is None:
+        return _PREVIOUS_EXCEPTHOOK[0](kind, value, tb)
+    import sys
+    import traceback
+
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    frames = "".join(traceback.format_list(traceback.extract_tb(tb))) if tb is not None else ""
+    sys.stderr.write(("Traceback (most recent call last):\n" + frames if frames else "") + f"{name}: {message}\n")
+
+
+_PREVIOUS_EXCEPTHOOK: list = [None]
+
+
+def _install_excepthook() -> None:
+    import sys
+
+    if sys.excepthook is not _show_check_error:
+        _PREVIOUS_EXCEPTHOOK[0] = sys.excepthook
+        sys.excepthook = _show_check_error
+
+
+_install_excepthook()
+
+
 def traced_check_hparams(beta, lr, label_smoothing, *, loss: str, optimizer=None):
     """In-graph checks of β > 0, η > 0 and ε's range, for values traced by ``jit`` / ``vmap``.
 
@@ -217,6 +285,32 @@ def traced_check_hparams(beta, lr, label_smoothing, *, loss: str, optimizer=None
     return beta, lr, label_smoothing
 
 
+def traced_require(x, checks):
+    """In-graph checks of values traced by ``jit`` / ``vmap``: ``x`` returned, tied to ``checks``.
+
+    ``checks``: ``(ok, key)`` pairs, ``ok`` a boolean array (True where valid; NaN must give False) and
+    ``key`` one of :data:`TRACED_MESSAGES`. Nothing is added when every ``ok`` is concrete (the
+    concrete ``check_*`` functions, with the value in the message, run first). One
+    ``equinox.branched_error_if`` (one ``lax.cond``) for all checks, so the compiled program grows by
+    one predicate and no value is baked in: no recompile per value. Use the returned ``x`` (an unused
+    result is dead code and is not checked).
+
+    Raises:
+      ValueError: the check's one-line message, at once, where the predicate is known while tracing
+        (the caller's eager ``jax.vmap``); at run time (the caller's ``jax.jit``) JAX raises a
+        ``JaxRuntimeError`` holding the message (:func:`traced_check_message`).
+    """
+    checks = [(ok, key) for ok, key in checks if not is_concrete(ok)]
+    if not checks:
+        return x
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    bad = jnp.stack([~jnp.all(ok) for ok, _ in checks])
+    with one_line_check_errors():  # eager vmap: equinox raises EquinoxTracetimeError(message) here
+        return eqx.branched_error_if(x, jnp.any(bad), jnp.argmax(bad), [TRACED_MESSAGES[key] for _, key in checks])
+
+
 #: the largest count a compiled program takes (JAX counts steps, sizes and indices in int32)
 INT_MAX = 2**31 - 1
 
@@ -234,6 +328,27 @@ def check_int(name: str, value, *, minimum: int = 1, maximum: int = INT_MAX) -> 
         raise ValueError(f"{name} = {value:,} is too large (at most {maximum:,}: the compiled program counts in "
                          f"int32); pass a smaller {name}")
     return int(value)
+
+
+def check_key(name: str, key):
+    """A JAX PRNG key: a typed key (``jax.random.key(seed)``, any shape) or legacy raw key data
+    (``jax.random.PRNGKey(seed)``: uint32, last axis 2); returned unchanged (it may be traced).
+
+    Raises ValueError naming ``name`` and the fix, e.g. ``key must be a PRNG key, got 0 (int); pass
+    key=jax.random.key(0)`` (a seed is not a key).
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype is not None and np.dtype(dtype) == np.uint32 and np.shape(key)[-1:] == (2,):
+        return key
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+        got, seed = f"{int(key)} (int, a seed)", int(key)
+    elif dtype is not None:
+        got, seed = f"an array of dtype {dtype} and shape {tuple(np.shape(key))}", 0
+    else:
+        got, seed = f"{key!r} ({type(key).__name__})", 0
+    raise ValueError(f"{name} must be a PRNG key, got {got}; pass {name}=jax.random.key({seed})")
 
 
 def check_choice(name: str, value: str, choices) -> str:

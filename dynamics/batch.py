@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import check_choice, check_finite, check_in_range, check_int, check_positive, is_concrete
+from ._checks import check_choice, check_finite, check_in_range, check_int, check_key, check_positive, is_concrete
 from .distributions import GaussianPreference, _psd_sqrt
 
 __all__ = ["COV_KINDS", "DRAWS", "PreferenceBatch", "config_keys"]
@@ -280,6 +280,7 @@ def config_keys(key, index):
 
 
 def _typed_key(key):
+    key = check_key("key", key)
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key

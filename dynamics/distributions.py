@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import check_finite, check_in_range, check_int, check_numeric, check_positive, is_concrete
+from ._checks import (check_finite, check_in_range, check_int, check_numeric, check_positive, is_concrete,
+                      traced_require)
 
 __all__ = [
     "GaussianPreference",
@@ -180,6 +181,8 @@ class GaussianPreference:
             if is_concrete(c):  # variances: a negative one is named here, not as a NaN root later
                 check_finite(name, c)
                 check_positive(f"{name} (variances)", c, allow_zero=True)
+            else:
+                c = traced_require(c, [(c >= 0, f"{name}_variances")])
         if c.ndim == 0:
             return isotropic_cov(jnp.sqrt(c), d, k)
         if c.ndim == 1 and c.shape == (d,):
@@ -208,11 +211,22 @@ class GaussianPreference:
           distinguishability: Δ = ‖μ⁺ − μ⁻‖ ≥ 0.
           d: embedding dimension ≥ 1. sigma: per-coordinate std σ > 0.
           p: probability that the preferred answer is ``a``.
+
+        Any of ``distinguishability``, ``sigma``, ``p`` may be traced (``jax.vmap`` / ``jax.jit``): the
+        checks then run in the compiled program.
+
+        Raises:
+          ValueError: Δ < 0, σ <= 0, p outside [0, 1], d < 1 (named; traced values too, see
+            ``dynamics._checks.traced_require``).
         """
         check_int("d", d)
         check_positive("distinguishability", distinguishability, allow_zero=True)
         check_positive("sigma", sigma)
-        dist_ = _float(distinguishability)
+        dist_ = _float(distinguishability, "distinguishability")
+        sigma = _float(sigma, "sigma")
+        # traced (jit / vmap): the same checks in the compiled program
+        dist_ = traced_require(dist_, [(dist_ >= 0, "distinguishability")])
+        sigma = traced_require(sigma, [(sigma > 0, "sigma")])
         e1 = jnp.zeros((1, d), dtype=dist_.dtype).at[0, 0].set(1.0)
         return cls.create(dist_ / 2 * e1, -dist_ / 2 * e1, isotropic_cov(sigma, d, 1),
                           p_pos=p, names=[name])
@@ -241,10 +255,14 @@ class GaussianPreference:
           ValueError: an angle outside [0, π] radians (e.g. ``angles=90``: degrees passed
             as radians — use ``angles_deg=90``) or [0, 180] degrees, both units given,
             a bad shape, a non-symmetric or non-PSD cosine matrix, ``d < K``.
+
+        ``distinguishability``, ``angles`` / ``angles_deg``, ``sigma``, ``p`` and ``weight`` may be traced
+        (``jax.vmap`` / ``jax.jit``, e.g. a sweep over the angle): the same checks then run in the
+        compiled program (``dynamics._checks.traced_require``); shapes stay static.
         """
         from . import transforms
 
-        dist_ = np.asarray(distinguishability, dtype=float).reshape(-1)
+        dist_ = _float(distinguishability, "distinguishability").reshape(-1)
         k = dist_.shape[0]
         check_int("d", d, minimum=k)
         check_positive("distinguishability", dist_, allow_zero=True)
@@ -253,23 +271,35 @@ class GaussianPreference:
             raise ValueError("pass angles (radians) or angles_deg (degrees), not both")
         if angles_deg is not None:
             transforms.check_angles("angles_deg", angles_deg, "degrees")
-            value, unit = angles_deg, "degrees"
+            value, unit, key = angles_deg, "degrees", "angles_deg"
         else:
-            value, unit = (np.pi / 2 if angles is None else angles), "radians"
+            value, unit, key = (np.pi / 2 if angles is None else angles), "radians", "angles"
             transforms.check_angles("angles", value, "radians")
-        ang = np.asarray(value, dtype=float)
+        ang = _float(value, key)
         if ang.ndim not in (0, 2) or (ang.ndim == 2 and ang.shape != (k, k)):
             raise ValueError(f"angles has shape {ang.shape}; expected a scalar or (K, K) = ({k}, {k})")
-        if ang.ndim == 2 and not np.allclose(ang, ang.T):
+        if ang.ndim == 2 and is_concrete(ang) and not np.allclose(ang, ang.T):
             raise ValueError("angles must be a symmetric (K, K) matrix")
-        cosm = transforms.angle_cosines(_float(ang), k, unit=unit)
-        evals = np.linalg.eigvalsh(np.asarray(cosm, dtype=np.float64))
-        if evals.min() < -1e-9:
-            raise ValueError(
-                f"angles give a cosine matrix that is not PSD (min eigenvalue {evals.min():.3g}); "
-                "no set of directions has these angles — widen or narrow them"
-            )
-        b = transforms.preference_directions(_float(dist_), cosm, d)
+        sigma = _float(sigma, "sigma")
+        # traced (jit / vmap): the same checks in the compiled program
+        dist_ = traced_require(dist_, [(dist_ >= 0, "distinguishability")])
+        sigma = traced_require(sigma, [(sigma > 0, "sigma")])
+        off = ang if ang.ndim == 0 else ang[~np.eye(k, dtype=bool)]
+        hi = np.pi if unit == "radians" else 180.0
+        ang = traced_require(ang, [(off >= 0, key), (off <= hi * (1 + 1e-6), key)]
+                             + ([(jnp.abs(ang - ang.T) <= 1e-6 * hi, "angles_symmetric")] if ang.ndim == 2 else []))
+        cosm = transforms.angle_cosines(ang, k, unit=unit)
+        if is_concrete(cosm):
+            evals = np.linalg.eigvalsh(np.asarray(cosm, dtype=np.float64))
+            if evals.min() < -1e-9:
+                raise ValueError(
+                    f"angles give a cosine matrix that is not PSD (min eigenvalue {evals.min():.3g}); "
+                    "no set of directions has these angles — widen or narrow them"
+                )
+        elif k > 1:
+            tol = 1e-9 if cosm.dtype == jnp.float64 else 1e-5
+            cosm = traced_require(cosm, [(jnp.linalg.eigvalsh(cosm)[0] >= -tol * k, "angles_psd")])
+        b = transforms.preference_directions(dist_, cosm, d)
         return cls.create(b / 2, -b / 2, isotropic_cov(sigma, d, k), p_pos=p, weight=weight, names=names)
 
     # ------------------------------------------------------------- validate
@@ -282,7 +312,10 @@ class GaussianPreference:
         return self.mu_pos.shape[-1]
 
     def validate(self, atol: float = 1e-6):
-        """Check shapes and values; return ``self``. Skipped for traced values.
+        """Check shapes and values; return ``self`` (traced: a copy tied to in-graph checks — use it).
+
+        Concrete values: every check below. Traced values (``jax.vmap`` / ``jax.jit``): the cheap ones run
+        in the compiled program (:meth:`_traced_validate`; not PSD beyond the diagonal).
 
         Raises ``ValueError`` naming the field, its value and the fix.
         """
@@ -295,7 +328,7 @@ class GaussianPreference:
         if self.names and len(self.names) != k:
             raise ValueError(f"names has {len(self.names)} entries; expected K = {k}")
         if not is_concrete(self):
-            return self
+            return self._traced_validate(atol)
         for name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight"):
             check_finite(name, getattr(self, name))
         check_in_range("p_pos", self.p_pos, 0.0, 1.0)
@@ -313,6 +346,23 @@ class GaussianPreference:
             if lam < -atol * scale:
                 raise ValueError(f"{name} is not positive semi-definite (min eigenvalue {lam:.3g}); pass a PSD covariance, e.g. A Aᵀ or clip negative eigenvalues")
         return self
+
+    def _traced_validate(self, atol: float):
+        """The checks of :meth:`validate` that are cheap in a compiled program, for traced fields: finite
+        values, ``p_pos`` in [0, 1], weights >= 0 summing to 1 (within 1e-4), symmetric covariances with
+        variances >= 0 on the diagonal. Not checked in-graph: PSD beyond the diagonal (an eigenvalue
+        decomposition per behaviour in every program that builds a distribution). Returns the
+        distribution tied to the checks."""
+        checks = [(jnp.isfinite(getattr(self, name)), f"{name}_finite")
+                  for name in ("mu_pos", "mu_neg", "cov_pos", "cov_neg", "p_pos", "weight")]
+        checks += [((self.p_pos >= 0) & (self.p_pos <= 1), "p_pos"),
+                   ((self.weight >= 0) & (jnp.abs(jnp.sum(self.weight, axis=-1, keepdims=True) - 1) <= 1e-4), "weight")]
+        for name in ("cov_pos", "cov_neg"):
+            c = getattr(self, name)
+            scale = jnp.maximum(1.0, jnp.max(jnp.abs(c)))
+            checks += [(jnp.abs(c - jnp.swapaxes(c, -1, -2)) <= atol * scale, f"{name}_symmetric"),
+                       (jnp.diagonal(c, axis1=-2, axis2=-1) >= -atol * scale, f"{name}_diagonal")]
+        return traced_require(self, checks)
 
     # ----------------------------------------------------------- properties
     @property

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import divergence
-from ._checks import (check_choice, check_finite, check_in_range, check_int, is_concrete, one_line_check_errors,
+from ._checks import (check_choice, check_finite, check_in_range, check_int, check_key, is_concrete, one_line_check_errors,
                       traced_check_hparams)
 from ._train import (check_batch_size, check_schedule, epoch_orders, make_optimizer, minibatch_index, run_recorded,
                      segment_mean)
@@ -103,12 +103,14 @@ def empirical_trajectory(dist: GaussianPreference, key, *, n: int, beta, lr=None
       :class:`EmpiricalTrajectory`, ``T = steps // record_every + 1``.
 
     Raises:
-      ValueError: invalid argument (named, with the fix).
+      ValueError: invalid argument (named, with the fix), e.g. ``key=0`` (a seed, not a key: pass
+        ``jax.random.key(0)``).
 
     Source: docs/theory.md §1.4 and §3.4.
     """
     n = check_int("n", n)
     n_eval = check_int("n_eval", n_eval)
+    key = check_key("key", key)
     # everything that can be checked without data, before sampling and compiling
     if isinstance(head, Head):  # before sampling
         head.check_margin_only("empirical_trajectory")
@@ -273,6 +275,7 @@ def trajectory_on_data(train, held_out, key, *, num_behaviors: int, beta, lr=Non
         if is_concrete(batch_index) and batch_index.size and not bool(jnp.all((batch_index >= 0) & (batch_index < n))):
             raise ValueError(f"batch_index holds rows outside [0, n) = [0, {n}); index the training pairs")
         batch_size = int(batch_index.shape[1])
+    key = check_key("key", key)
     with one_line_check_errors():  # a traced bad β/η/ε (the caller's vmap runs here): one ValueError line
         return _train(x, s, beh, xe, se, behe, key, beta, lr, label_smoothing, head, s_fit, lam,
                       num_behaviors=num_behaviors, loss=loss, optimizer=optimizer, steps=steps,

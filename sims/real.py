@@ -915,7 +915,7 @@ def _markdown(summary, config, figures, prefix="") -> str:
 
 
 # ------------------------------------------------------------ report hook
-def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None = None) -> str:
+def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None = None, log=None) -> str:
     """Run embed → properties → real on the persona data and return a markdown section.
 
     Embeds the default subset (:data:`DEFAULT_BEHAVIORS`, 12 behaviours, all
@@ -924,7 +924,9 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
     ``properties.csv``, ``priority_gap.csv`` and the ``dpo-sims real`` outputs
     into ``out_dir/real/``, and returns a section for ``report.md`` (links are
     relative to ``out_dir``). Used by ``dpo-sims reproduce --real``.
-    ``config`` overrides the :class:`RealConfig` defaults (tests use a short run).
+    ``config`` overrides the :class:`RealConfig` defaults (tests use a short run). ``log``: a callable
+    for one-line stage messages (``real: embedding …``, ``real: … training``; ``None`` = silent);
+    ``dpo-sims reproduce --real`` passes its stderr logger (the section takes minutes).
 
     Raises:
       FileNotFoundError: the persona folder is missing (set ``$DPO_DYNAMICS_PERSONA``).
@@ -934,17 +936,23 @@ def real_report_section(out_dir: Path, full: bool, *, config: RealConfig | None 
     from . import persona as persona_io
     import dynamics as dd
 
+    say = log or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out_dir) / "real"
     out.mkdir(parents=True, exist_ok=True)
-    data = persona_io.load_persona(persona_io.default_data_dir(), None if full else DEFAULT_BEHAVIORS)
+    data_dir = persona_io.default_data_dir()
+    say(f"real: reading the persona statements in {data_dir} ({'every behaviour' if full else 'default subset'})")
+    data = persona_io.load_persona(data_dir, None if full else DEFAULT_BEHAVIORS)
     stats: dict = {}
+    say(f"real: embedding {len(data.questions)} statements of {len(data.files)} behaviours with "
+        "all-MiniLM-L6-v2 (cached ones are read back)")
     emb = embed_mod.embed_persona(data, "minilm", stats=stats)
+    say(f"real: embedded in {time.perf_counter() - t0:.0f} s; per-behaviour properties (properties.csv)")
     props = dd.behavior_properties(emb.x, emb.s, emb.behavior, num_behaviors=emb.num_behaviors, names=emb.names)
     embed_mod._write_csv(out / "properties.csv", embed_mod.PROPERTIES_HEADER, embed_mod.properties_rows(props))
     embed_mod._write_csv(out / "priority_gap.csv", ["behavior"] + list(props.names),
                          [[n] + [f"{v:.6g}" for v in props.priority_gap[k]] for k, n in enumerate(props.names)])
-    summary = run_real(emb, out, config or RealConfig(), progress=None)
+    summary = run_real(emb, out, config or RealConfig(), progress=log)
     wall = time.perf_counter() - t0
     rate = stats["embedded"] / stats["seconds"] if stats.get("embedded") and stats["seconds"] > 0 else None
     pr = summary["priority"]

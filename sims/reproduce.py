@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import inspect
 import json
 import math
 import platform
@@ -574,7 +575,10 @@ def reproduce(out_dir, *, quick: bool = False, real: bool = False, full_real: bo
     real_part = None
     if real_mod is not None:
         t_real = time.perf_counter()
-        real_part = real_mod.real_report_section(out, bool(full_real))
+        log("# real embeddings: embed → properties → real (minutes; stage lines follow)")
+        section = real_mod.real_report_section
+        takes_log = "log" in inspect.signature(section).parameters
+        real_part = section(out, bool(full_real), log=log) if takes_log else section(out, bool(full_real))
         summary["real_seconds"] = round(time.perf_counter() - t_real, 2)
         log(f"# real embeddings: {summary['real_seconds']:.1f} s")
     total = time.perf_counter() - t_start  # the whole run's wall time, the real section included

@@ -661,7 +661,8 @@ def _record_layout(path: Path, template) -> None:
 
 def _restore_from_template(path: Path, make_template, resolved: dict, log) -> list[str]:
     """Recreate the arrays of the store ``path`` whose folders are gone (variables and coordinates) from its
-    template; returns their names. Their chunks then fail their checksums and are recomputed."""
+    template; returns their names. A variable's finished chunks then fail their checksums and are recomputed;
+    a coordinate is written whole from the configuration (no chunk is recomputed)."""
     missing = _metadata_problems(path)[2]
     if not missing:
         return []
@@ -680,7 +681,15 @@ def _restore_from_template(path: Path, make_template, resolved: dict, log) -> li
         shutil.rmtree(scratch, ignore_errors=True)
     if done:
         _consolidate(path)
-        log(f"{path}: recreated {', '.join(done)} from the template (deleted?); their chunks will be recomputed")
+        coords = [n for n in done if n in template.coords]
+        data = [n for n in done if n not in template.coords]
+        if data:
+            log(f"{path}: recreated {', '.join(data)} from the template (deleted?); the finished chunks that held "
+                f"{'it' if len(data) == 1 else 'them'} fail their checksums and will be recomputed")
+        if coords:
+            log(f"{path}: recreated coordinate{'s' if len(coords) > 1 else ''} {', '.join(coords)} from the template "
+                "(deleted?) with its values from the configuration; coordinates are derived from the configuration, "
+                "so no chunk is recomputed")
     return done
 
 
@@ -851,7 +860,7 @@ class ResultsStore:
                 "resuming would mix versions in one store — pass --allow-version-change to resume anyway (it is "
                 "recorded in the store), --overwrite to start again, or choose another --out"
             )
-        if primary:  # a deleted variable or coordinate: recreated from the template (its chunks recomputed)
+        if primary:  # a deleted variable (its chunks recomputed) or coordinate (from the config): recreated
             _restore_from_template(path, make_template, resolved, log)
         store = cls(path, lock=lock)
         if not primary:
@@ -902,6 +911,12 @@ class ResultsStore:
 
         path = Path(path)
         ours = _written_by_us(path)
+        if ours:  # its root metadata is damaged but restorable (e.g. .zattrs deleted): verify --repair fixes it
+            problems, restorable = _metadata_problems(path)[:2]
+            root = [p for p in problems if p.split()[0] in (".zattrs", ".zgroup", "zarr.json")]
+            if root and all(p.split()[0] in restorable for p in root):
+                raise UsageError(f"{path} is a dpo-sims store whose root metadata is damaged ({'; '.join(root)}); "
+                                 f"run `dpo-sims verify --repair {path}` (it restores it from .zmetadata), then rerun")
         if fix is None:
             fix = "pass --overwrite to replace it, or choose another --out" if ours else \
                 "dpo-sims did not write it, so it is never replaced — choose another --out"
@@ -1308,7 +1323,8 @@ def open_results(path, *, fix: str | None = None, verify: bool = False):
 
 
 def diverged_summary(ds) -> str:
-    """One line: how many runs diverged (NaN/inf), and at which grid values.
+    """One line: how many runs diverged, of what kind (NaN/inf, or a finite loss blow-up: the rule of
+    ``dynamics/divergence.py``), and at which grid values.
 
     ``ds`` is a results dataset; reads ``diverged`` (and
     ``population_diverged`` when present). Returns "" when none diverged.
@@ -1321,11 +1337,37 @@ def diverged_summary(ds) -> str:
         if not flags.any():
             continue
         da = ds[name]
+        kinds = _divergence_kinds(ds, da, flags, "loss" if name == "diverged" else "population_loss")
         grid_dims = [d for d in da.dims if d != "seed"]
         any_seed = flags.any(axis=da.dims.index("seed")) if "seed" in da.dims else flags
         where = []
         for idx in np.argwhere(any_seed)[:3]:
             where.append(", ".join(f"{d}={ds[d].values[i]}" for d, i in zip(grid_dims, idx)) or "the only config")
         more = " …" if any_seed.sum() > 3 else ""
-        parts.append(f"{name}: {int(flags.sum())} of {flags.size} runs ({'; '.join(where)}{more})")
+        parts.append(f"{name}: {int(flags.sum())} of {flags.size} runs{kinds} ({'; '.join(where)}{more})")
     return "; ".join(parts)
+
+
+def _divergence_kinds(ds, da, flags, loss_name: str) -> str:
+    """`` [a NaN/inf, b finite blow-up]`` for the flagged runs of ``da``, read from their loss variable
+    (``dynamics/divergence.py``: NaN/inf, or a loss far above its start with every value finite); "" when
+    the loss is not stored."""
+    if loss_name not in ds:
+        return ""
+    loss = ds[loss_name]
+    extra = [d for d in loss.dims if d not in da.dims]
+    if any(d not in loss.dims for d in da.dims):
+        return ""
+    bad = (~np.isfinite(loss)).any(dim=extra) if extra else ~np.isfinite(loss)
+    nonfinite = int((np.asarray(bad.transpose(*da.dims).values, dtype=bool) & flags).sum())
+    finite = int(flags.sum()) - nonfinite
+    words = ([f"{nonfinite} NaN/inf"] if nonfinite else []) + \
+        ([f"{finite} finite blow-up{'s' if finite > 1 else ''} (loss > loss_0 + {_rise_factor():g}·max(|loss_0|, 1))"]
+         if finite else [])
+    return f" [{', '.join(words)}]"
+
+
+def _rise_factor() -> float:
+    from dynamics.divergence import LOSS_RISE_FACTOR
+
+    return LOSS_RISE_FACTOR

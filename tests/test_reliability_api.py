@@ -514,3 +514,44 @@ def test_divergence_bound_closed_form_strict_and_axes():
     assert bool(divergence.diverged(ok, jnp.ones((3, 2)), jnp.array([0.0, jnp.inf])))
     assert bool(divergence.diverged(ok, jnp.array([[jnp.nan]])))
     assert bool(divergence.diverged(jnp.array([0.7, 12.0])))
+
+
+# ------------------------------------------------------------------ reproduce --real: stage lines
+def test_reproduce_real_prints_its_stages(tmp_path, monkeypatch):
+    """``reproduce --real`` sat silent for > 80 s in its real section: it now logs each stage (reading,
+    embedding, properties, then run_real's own training / priority / misalignment lines) to its logger."""
+    from sims import embed, real
+    from sims import reproduce as rp
+
+    rng = np.random.default_rng(0)
+    data = types.SimpleNamespace(questions=["q"] * 8, files=("a", "b"), skipped=())
+    emb = types.SimpleNamespace(x=rng.normal(size=(8, 3)), s=np.tile([1, -1], 4), behavior=np.repeat([0, 1], 4),
+                                num_behaviors=2, names=("a", "b"))
+    monkeypatch.setattr(persona, "default_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(persona, "load_persona", lambda d, behaviors: data)
+    monkeypatch.setattr(embed, "embed_persona", lambda d, model, stats: stats.update(embedded=8, seconds=1.0) or emb)
+
+    class Stop(Exception):
+        pass
+
+    def run_real(e, out, config, progress):
+        progress("real: K=2 behaviours; training (vmapped)")
+        raise Stop
+
+    monkeypatch.setattr(real, "run_real", run_real)
+    lines = []
+    with pytest.raises(Stop):
+        real.real_report_section(tmp_path / "o", False, log=lines.append)
+    assert [ln.split()[1] for ln in lines] == ["reading", "embedding", "embedded", "K=2"], lines
+    assert "8 statements of 2 behaviours" in lines[1] and (tmp_path / "o" / "real" / "properties.csv").exists()
+
+    # reproduce passes its logger (stderr) to the section; a section without ``log`` is still called
+    monkeypatch.setattr(rp, "PHENOMENA", ())
+    for takes_log in (True, False):
+        fake = types.ModuleType("sims.real")
+        fake.real_report_section = (lambda out_dir, full, *, log: log("real: stage") or "## Real embeddings\n") \
+            if takes_log else (lambda out_dir, full: "## Real embeddings\n")
+        monkeypatch.setitem(sys.modules, "sims.real", fake)
+        got = []
+        rp.reproduce(tmp_path / f"r{takes_log}", quick=True, real=True, progress=False, log=got.append)
+        assert ("real: stage" in got) == takes_log and any("stage lines follow" in g for g in got), got

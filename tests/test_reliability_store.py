@@ -515,7 +515,7 @@ def test_deleted_bookkeeping_arrays_and_coordinates(tmp_path):
     assert not (tmp_path / "c.zarr" / "lr").exists()  # not recreated as NaN
     notes = []
     _, resumed = ResultsStore.prepare(tmp_path / "c.zarr", resolved=CFG, make_template=_template, log=notes.append)
-    assert resumed and any("recreated lr from the template" in n for n in notes)
+    assert resumed and any("recreated coordinate lr from the template" in n for n in notes)
     np.testing.assert_allclose(xr.open_zarr(tmp_path / "c.zarr")["lr"].values, np.linspace(0.1, 0.6, 6))
     assert verify_store(tmp_path / "c.zarr").ok
 
@@ -613,3 +613,57 @@ def test_without_flock_the_lock_file_alone_decides(tmp_path, monkeypatch):
     (tmp_path / ".r.zarr.lock").write_text(f"{dead.pid}@{host} since then (dpo-sims sweep)\n")
     store, _ = ResultsStore.prepare(path, resolved=CFG, make_template=_template)
     store.close()
+
+
+# ----------------------------------------------------------------------------- messages that say what happens
+def test_a_missing_root_zattrs_is_refused_naming_verify_repair_which_fixes_it(tmp_path):
+    """The sweep refused it as "not a dpo-sims results store … pass --overwrite" while `verify --repair`
+    restores the root attributes from .zmetadata."""
+    path = tmp_path / "r.zarr"
+    _filled(path)
+    (path / ".zattrs").unlink()
+    with pytest.raises(UsageError, match=r"root metadata is damaged \(\.zattrs missing or unreadable\); run "
+                                         rf"`dpo-sims verify --repair {path}`") as e:
+        ResultsStore.prepare(path, resolved=CFG, make_template=_template)
+    assert "--overwrite" not in str(e.value) and "\n" not in str(e.value)
+    assert verify_store(path, repair=True).ok
+    store, resumed = ResultsStore.prepare(path, resolved=CFG, make_template=_template)
+    assert resumed and store.done().tolist() == [True] * 3
+
+
+def test_a_recreated_coordinate_says_no_chunk_is_recomputed(tmp_path):
+    """It said "their chunks will be recomputed" while none were (a coordinate comes from the config)."""
+    path = tmp_path / "c.zarr"
+    _filled(path)
+    shutil.rmtree(path / "lr")
+    notes = []
+    store, _ = ResultsStore.prepare(path, resolved=CFG, make_template=_template, log=notes.append)
+    note = [n for n in notes if "recreated" in n]
+    assert len(note) == 1 and "coordinate lr" in note[0] and "no chunk is recomputed" in note[0], notes
+    assert "will be recomputed" not in note[0]
+    assert store.done().tolist() == [True] * 3 and verify_store(path).ok  # true: nothing is left to compute
+    # a deleted variable: its chunks are recomputed, and the note says so
+    shutil.rmtree(path / "loss")
+    notes = []
+    store, _ = ResultsStore.prepare(path, resolved=CFG, make_template=_template, log=notes.append)
+    assert any("recreated loss" in n and "will be recomputed" in n for n in notes), notes
+    assert store.done().tolist() == [False] * 3  # its chunks failed their checksums: the resume recomputes them
+
+
+def test_the_divergence_summary_says_which_runs_blew_up_without_nan():
+    """Finite blow-ups (flagged by the loss rule of dynamics/divergence.py) were labelled NaN/inf."""
+    loss = np.full((3, 2, 2, 4), 0.69, np.float32)  # lr, seed, split, step
+    loss[1, 0, 0, 2] = np.nan        # lr=10, seed 0: NaN
+    loss[1, 1, :, 1:] = 500.0        # lr=10, seed 1: finite, 500 nats
+    loss[2, 1, :, 1:] = 40.0         # lr=1, seed 1: finite, 40 nats
+    ds = xr.Dataset(
+        {"diverged": (("lr", "seed"), np.array([[False, False], [True, True], [False, True]])),
+         "loss": (("lr", "seed", "split", "step"), loss),
+         "population_diverged": (("lr",), np.array([False, True, False])),
+         "population_loss": (("lr", "step"), np.array([[0.7, 0.6, 0.5, 0.4], [0.7, np.inf, 0.6, 0.6],
+                                                       [0.7, 0.5, 0.4, 0.3]]))},
+        coords={"lr": [0.1, 10.0, 1.0], "seed": [0, 1]},
+    )
+    s = st.diverged_summary(ds)
+    assert "diverged: 3 of 6 runs [1 NaN/inf, 2 finite blow-ups (loss > loss_0 + 10·max(|loss_0|, 1))]" in s, s
+    assert "population_diverged: 1 of 3 runs [1 NaN/inf] (lr=10.0)" in s, s

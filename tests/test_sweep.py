@@ -388,7 +388,7 @@ def test_diverged_flag_only_for_the_lr_that_blows_up(tmp_path, capsys):
     """)
     out = tmp_path / "div.zarr"
     code, stdout, _ = _run_cli(capsys, cfg, "--out", out, "--chunk-size", "1")
-    assert code == 0 and "diverged: 2 of 6 runs (loss_type=ipo, lr=100.0)" in stdout
+    assert code == 0 and "diverged: 2 of 6 runs [2 NaN/inf] (loss_type=ipo, lr=100.0)" in stdout
     ds = xr.open_zarr(out).load()
     assert ds["chunk_done"].values.all()  # the sweep went on past the diverging chunk
     ds = ds.squeeze("loss_type")  # the axis `loss` is the dimension loss_type (the metric is `loss`)

@@ -148,6 +148,7 @@ def run(args) -> int:
     print(f"# wrote {out}: {res.n_chunks} chunks ({res.computed} computed, {res.skipped} resumed) in "
           f"{res.seconds:.1f} s; open with xarray.open_zarr({str(out)!r})")
     if res.diverged:
-        print(f"# diverged (NaN/inf; see the `diverged` variable): {res.diverged}")
+        print(f"# diverged (NaN/inf, or a finite loss blow-up: the loss rose far above its start; see the "
+              f"`diverged` variable): {res.diverged}")
     return 0
 
