@@ -31,7 +31,7 @@ from .vocab_population import _component_cubature, _image_nodes, _rule
 
 __all__ = ["oracle_labels", "oracle_population_loss", "oracle_population_gradient", "oracle_population_trajectory",
            "oracle_empirical_trajectory", "OracleTrajectory", "rlhf_optimum", "rlhf_objective", "rlhf_gradient",
-           "rlhf_population_trajectory", "reinforce_gradient", "policy_metrics", "ORACLE_ORDER"]
+           "rlhf_population_trajectory", "reinforce_gradient", "reinforce_trajectory", "policy_metrics", "ORACLE_ORDER"]
 
 #: Gauss–Hermite points per dimension of the 2-D (h, t) rule of the oracle loss (accuracy: docs/theory.md §11)
 ORACLE_ORDER = 64
@@ -371,12 +371,10 @@ def rlhf_population_trajectory(dist, *, w_ref, reward, beta, w_init=None, lr=0.1
     return _run(grad_loss, w0, make_optimizer(optimizer, lr), steps, record_every)
 
 
-@partial(jax.jit, static_argnames=("n", "k"))
-def _reinforce_jit(dist, key, w, w_ref, theta, beta, *, n, k):
-    from .vocab import sample_pairs
-
+def _reinforce(dist, key, w, w_ref, theta, beta, n, k):
+    """``(mean KL-penalised score, gradient estimate (V, d))`` from fresh prompts and responses."""
     kx, ky = jax.random.split(key)
-    x, s, _ = sample_pairs(dist, kx, n)
+    x = dist.sample(kx, n)[0]
     logits = x @ w.T  # (n, V)
     y = jax.random.categorical(ky, logits[:, None, :], axis=-1, shape=(n, k))  # (n, k)
     lp = jax.nn.log_softmax(logits)
@@ -385,7 +383,12 @@ def _reinforce_jit(dist, key, w, w_ref, theta, beta, *, n, k):
     score = take(x @ theta.T) - beta * (take(lp) - take(lpr))  # KL-penalised reward (TRL's "rewards" - β·kl)
     adv = score - (jnp.sum(score, 1, keepdims=True) - score) / (k - 1) if k > 1 else score
     grad_logp = jax.nn.one_hot(y, w.shape[0], dtype=w.dtype) - jnp.exp(lp)[:, None, :]  # (n, k, V)
-    return jnp.einsum("nk,nkv,nd->vd", adv, grad_logp, x) / (n * k)
+    return jnp.mean(score), jnp.einsum("nk,nkv,nd->vd", adv, grad_logp, x) / (n * k)
+
+
+@partial(jax.jit, static_argnames=("n", "k"))
+def _reinforce_jit(dist, key, w, w_ref, theta, beta, *, n, k):
+    return _reinforce(dist, key, w, w_ref, theta, beta, n, k)[1]
 
 
 def reinforce_gradient(dist, key, w, *, w_ref, reward, beta, n, rloo_k=1):
@@ -393,7 +396,7 @@ def reinforce_gradient(dist, key, w, *, w_ref, reward, beta, n, rloo_k=1):
 
     ``∇J = E_x E_{y∼π_W}[(r(x, y) − β log(π_W/π_ref)(y|x)) ∇_W log π_W(y|x)]`` (REINFORCE,
     ``rloo_k = 1``); with ``rloo_k ≥ 2`` each response's score is centred by the mean of the other
-    ``rloo_k − 1`` (RLOO, unbiased). ``key`` draws the prompts (:func:`dynamics.vocab.sample_pairs`)
+    ``rloo_k − 1`` (RLOO, unbiased). ``key`` draws the prompts (``dist.sample``)
     and the responses.
 
     Raises:
@@ -403,6 +406,41 @@ def reinforce_gradient(dist, key, w, *, w_ref, reward, beta, n, rloo_k=1):
     n = check_int("n", n)
     k = check_int("rloo_k", rloo_k)
     return _reinforce_jit(dist, key, w, w_ref, theta, beta, n=n, k=k)
+
+
+def reinforce_trajectory(dist, key, *, w_ref, reward, beta, n, rloo_k=1, w_init=None, lr=0.1, steps=100,
+                         optimizer=None, record_every=1):
+    """Online REINFORCE / RLOO ascent of ``J``: each step draws ``n`` fresh prompts and ``rloo_k`` responses
+    each (``key`` split per step) and applies :func:`reinforce_gradient`'s estimate (docs/theory.md §11.2).
+
+    Returns an :class:`OracleTrajectory` whose ``loss`` is minus the step's sample mean of the
+    KL-penalised score ``r − β log(π_W/π_ref)`` (recorded before the update; the last entry repeats
+    the previous one). In expectation over keys it follows :func:`rlhf_population_trajectory` up to
+    ``O(lr² / (n·rloo_k))``. Errors as :func:`reinforce_gradient`, plus ``steps < 0`` / ``record_every < 1``.
+    """
+    import optax
+
+    dist, w0, w_ref, theta, beta, _ = _rlhf_prepare(dist, w_init, w_ref, reward, beta, None)
+    n = check_int("n", n)
+    k = check_int("rloo_k", rloo_k)
+    steps, record_every = _schedule(steps, record_every)
+    check_positive("lr", lr)
+    opt = make_optimizer(optimizer, lr)
+
+    @jax.jit
+    def run(key, w0):
+        def step(carry, kk):
+            w, state = carry
+            score, g = _reinforce(dist, kk, w, w_ref, theta, beta, n, k)
+            upd, state = opt.update(-g, state, w)
+            return (optax.apply_updates(w, upd), state), (w, -score)
+
+        (w, _), (ws, losses) = jax.lax.scan(step, (w0, opt.init(w0)), jax.random.split(key, steps))
+        return jnp.concatenate([ws, w[None]]), jnp.concatenate([losses, losses[-1:]])
+
+    ws, losses = run(key, w0)
+    idx = np.unique(np.r_[np.arange(0, steps + 1, record_every), steps])
+    return OracleTrajectory(jnp.asarray(idx), ws[idx], losses[idx])
 
 
 # ------------------------------------------------------------------------------------------ metrics
