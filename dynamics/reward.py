@@ -52,7 +52,7 @@ def _matrix(name, value, shape, dtype):
     check_finite(name, value)
     value = jnp.asarray(value, dtype)
     if value.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {value.shape}; expected (V, d) = {tuple(shape)} (the head's shape)")
+        raise ValueError(f"{name} has shape {value.shape}; expected (V, d) = {tuple(shape)}, the policy head's shape")
     return value
 
 

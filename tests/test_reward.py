@@ -56,7 +56,6 @@ def test_oracle_loss_and_gradient_vs_monte_carlo(x64):
     assert abs(float(loss) - f.mean()) < 5 * f.std() / np.sqrt(n)
     per = fh[:, None] * z
     mc_grad = np.zeros((V, D))
-    se = np.zeros((V, D))
     for tok, sign in ((a, 1.0), (b, -1.0)):
         for v in range(V):
             g = sign * per * (tok == v)[:, None]
@@ -196,3 +195,18 @@ def test_reinforce_trajectory_follows_population(x64):
     # stated tolerance 0.02 on W after 5 steps (per-step gradient noise ~ 1/sqrt(n·rloo_k) ≈ 1.6e-3)
     assert np.max(np.abs(np.asarray(emp.w[-1]) - np.asarray(pop.w[-1]))) < 0.02
     assert emp.w.shape == pop.w.shape == (6, V, 2)
+
+
+def test_oracle_labels_keep_with_bradley_terry_probability(x64):
+    rng = np.random.default_rng(12)
+    theta = rng.normal(size=(V, D))
+    n = 200_000
+    x = rng.normal(size=(n, D))
+    chosen, rejected = np.zeros(n, np.int32), np.full(n, 2, np.int32)
+    ch, rj, kept = R.oracle_labels(jax.random.key(0), jnp.asarray(theta), jnp.asarray(x), chosen, rejected)
+    ch, rj, kept = map(np.asarray, (ch, rj, kept))
+    p = _sig(x @ (theta[0] - theta[2]))
+    # kept ~ Bernoulli(p): the mean and the mean of p agree within 5 standard errors; swapped pairs are swapped
+    assert abs(kept.mean() - p.mean()) < 5 * np.sqrt(np.mean(p * (1 - p)) / n)
+    assert abs(np.mean(kept * (x[:, 0] > 0)) - np.mean(p * (x[:, 0] > 0))) < 5 / np.sqrt(n)
+    assert np.all(ch[kept] == 0) and np.all(rj[kept] == 2) and np.all(ch[~kept] == 2) and np.all(rj[~kept] == 0)
