@@ -88,7 +88,15 @@ def oracle_labels(key, theta_star, x, chosen, rejected):
 
     Returns:
       ``(chosen, rejected, kept)``: the oracle's tokens ``(n,)`` and the boolean ``kept (n,)``.
+
+    Raises:
+      ValueError: ``theta_star`` / ``x`` not ``(V, d)`` / ``(n, d)`` with the same ``d``, or not finite.
     """
+    check_finite("theta_star", theta_star)
+    check_finite("x", x)
+    theta_star, x = jnp.asarray(theta_star), jnp.asarray(x)
+    if theta_star.ndim != 2 or x.ndim != 2 or theta_star.shape[1] != x.shape[1]:
+        raise ValueError(f"theta_star has shape {theta_star.shape} and x {x.shape}; expected (V, d) and (n, d)")
     gap = jnp.einsum("nd,nd->n", theta_star[chosen] - theta_star[rejected], x)
     kept = jax.random.uniform(key, gap.shape, dtype=x.dtype) < jax.nn.sigmoid(gap)
     return jnp.where(kept, chosen, rejected), jnp.where(kept, rejected, chosen), kept
