@@ -34,7 +34,9 @@ from .representation import (Representation, RepresentationTrajectory, effective
                              representation_properties)  # x = A φ trained with the head (docs/theory.md §10)
 from .sequence import (SequencePreference, sequence_empirical_trajectory, sequence_logp_change_decomposition,
                        sequence_pair_metrics, sequence_population_trajectory)  # L-position responses (§9)
-from .reward import (oracle_population_loss, oracle_population_trajectory, oracle_empirical_trajectory, rlhf_objective, rlhf_gradient, rlhf_optimum, rlhf_population_trajectory, reinforce_gradient, reinforce_trajectory, policy_metrics)  # ground-truth reward (§11)
+from .reward import (oracle_population_loss, oracle_population_trajectory, oracle_empirical_trajectory,
+                     rlhf_objective, rlhf_gradient, rlhf_optimum, rlhf_population_trajectory, reinforce_gradient,
+                     reinforce_trajectory, policy_metrics)  # ground-truth reward, RLHF (docs/theory.md §11)
 
 __version__ = "0.1.0"
 

@@ -22,9 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ._checks import check_finite, check_int, check_positive, check_scalar
-from ._train import make_optimizer
+from ._train import check_schedule, make_optimizer, run_recorded
 from .head import Head
 from . import reduced
 from .vocab_population import _component_cubature, _image_nodes, _rule
@@ -206,32 +207,68 @@ class OracleTrajectory(NamedTuple):
     loss: jax.Array
 
 
-def _schedule(steps, record_every):
-    steps = check_int("steps", steps, minimum=0)
-    record_every = check_int("record_every", record_every)
+def _schedule(steps, record_every, lr, optimizer):
+    """``(steps, record_every)`` checked as every layer checks them (``steps`` a multiple of ``record_every``)."""
+    steps, record_every = check_schedule(steps, record_every, lr, optimizer)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        check_positive("lr", lr)
     return steps, record_every
 
 
-def _run(grad_loss, w0, opt, steps, record_every):
-    """Optimise ``w`` with ``opt``; record ``(w, loss)`` every ``record_every`` steps and at the end."""
-    import optax
+def _lr(lr, dtype):
+    """The step size as a traced scalar (0 where an optax transformation carries its own)."""
+    return jnp.asarray(0.0 if lr is None else lr, dtype)
 
-    @jax.jit
-    def run(w0):
-        def step(carry, _):
-            w, state = carry
-            loss, g = grad_loss(w)
-            upd, state = opt.update(g, state, w)
-            return (optax.apply_updates(w, upd), state), (w, loss)
 
-        (w, _), (ws, losses) = jax.lax.scan(step, (w0, opt.init(w0)), None, length=steps)
-        ws = jnp.concatenate([ws, w[None]])
-        losses = jnp.concatenate([losses, grad_loss(w)[0][None]])
-        return ws, losses
+def _oracle_pop_loss_grad(w, data, static):
+    dist, w_ref, theta, beta, label_smoothing = data
+    total, _, grad = _oracle_jit(dist, w, w_ref, theta, beta, label_smoothing, **static)
+    return total, grad
 
-    ws, losses = run(w0)
-    idx = np.unique(np.r_[np.arange(0, steps + 1, record_every), steps])
-    return OracleTrajectory(jnp.asarray(idx), ws[idx], losses[idx])
+
+def _oracle_emp_loss_grad(w, data, static):
+    from .losses import loss_fn
+
+    x, ch, rj, w_ref, beta, label_smoothing = data
+
+    def mean_loss(w):
+        dw = (w - w_ref) @ x.T  # (V, n)
+        h = jnp.take_along_axis(dw, ch[None], 0)[0] - jnp.take_along_axis(dw, rj[None], 0)[0]
+        return jnp.mean(loss_fn(static["loss_type"], h, beta, label_smoothing))
+
+    return jax.value_and_grad(mean_loss)(w)
+
+
+def _rlhf_loss_grad(w, data, static):
+    dist, w_ref, theta, beta = data
+    value, _, grad = _rlhf_jit(dist, w, w_ref, theta, beta, **static)
+    return -value, -grad
+
+
+_LOSS_GRAD = {"oracle_population": _oracle_pop_loss_grad, "oracle_empirical": _oracle_emp_loss_grad,
+              "rlhf_population": _rlhf_loss_grad}
+
+
+@partial(jax.jit, static_argnames=("kind", "static", "optimizer", "steps", "record_every"))
+def _trajectory(data, w0, lr, *, kind, static, optimizer, steps, record_every):
+    """Deterministic training of ``w`` on ``_LOSS_GRAD[kind]`` (one compile per shape and static record)."""
+    loss_grad = lambda w: _LOSS_GRAD[kind](w, data, dict(static))
+    opt = make_optimizer(optimizer, lr)
+
+    def step_fn(carry):
+        w, state = carry
+        upd, state = opt.update(loss_grad(w)[1], state, w)
+        return optax.apply_updates(w, upd), state
+
+    def record(carry):
+        return carry[0], loss_grad(carry[0])[0]
+
+    _, (ws, losses) = run_recorded(step_fn, record, (w0, opt.init(w0)), steps, record_every)
+    return ws, losses
+
+
+def _recorded(ws, losses, steps, record_every):
+    return OracleTrajectory(jnp.arange(0, steps + 1, record_every), ws, losses)
 
 
 def oracle_population_trajectory(dist, *, head, theta_star, loss_type="sigmoid", beta=1.0, label_smoothing=0.0,
@@ -243,11 +280,11 @@ def oracle_population_trajectory(dist, *, head, theta_star, loss_type="sigmoid",
     """
     dist, head, w0, theta, beta, st = _oracle_prepare(dist, None, head, theta_star, loss_type, beta,
                                                       label_smoothing, cubature_order)
-    steps, record_every = _schedule(steps, record_every)
-    check_positive("lr", lr)
-    w_ref = head.w_ref.astype(w0.dtype)
-    grad_loss = lambda w: (lambda o: (o[0], o[2]))(_oracle_jit(dist, w, w_ref, theta, beta, label_smoothing, **st))
-    return _run(grad_loss, w0, make_optimizer(optimizer, lr), steps, record_every)
+    steps, record_every = _schedule(steps, record_every, lr, optimizer)
+    data = (dist, head.w_ref.astype(w0.dtype), theta, beta, jnp.asarray(label_smoothing, w0.dtype))
+    out = _trajectory(data, w0, _lr(lr, w0.dtype), kind="oracle_population", static=tuple(sorted(st.items())),
+                      optimizer=optimizer, steps=steps, record_every=record_every)
+    return _recorded(*out, steps, record_every)
 
 
 def oracle_empirical_trajectory(dist, key, *, head, theta_star, n, loss_type="sigmoid", beta=1.0,
@@ -259,27 +296,21 @@ def oracle_empirical_trajectory(dist, key, *, head, theta_star, n, loss_type="si
     the oracle-labelled margin. Returns an :class:`OracleTrajectory` (``loss``: training mean).
     Errors as :func:`oracle_population_trajectory`, plus ``n < 1``.
     """
-    from .losses import loss_fn
     from .vocab import sample_pairs
 
     dist, head, w0, theta, beta, _ = _oracle_prepare(dist, None, head, theta_star, loss_type, beta,
                                                      label_smoothing, None)
     n = check_int("n", n)
-    steps, record_every = _schedule(steps, record_every)
-    check_positive("lr", lr)
+    steps, record_every = _schedule(steps, record_every, lr, optimizer)
     k_pairs, k_labels = jax.random.split(key)
     x, s, behavior = sample_pairs(dist, k_pairs, n)
     ab = head.token_pairs(dist.num_behaviors)[behavior]
     pos = s > 0
     ch, rj, _ = oracle_labels(k_labels, theta, x, jnp.where(pos, ab[:, 0], ab[:, 1]), jnp.where(pos, ab[:, 1], ab[:, 0]))
-    w_ref = head.w_ref.astype(w0.dtype)
-
-    def mean_loss(w):
-        dw = (w - w_ref) @ x.T  # (V, n)
-        h = jnp.take_along_axis(dw, ch[None], 0)[0] - jnp.take_along_axis(dw, rj[None], 0)[0]
-        return jnp.mean(loss_fn(loss_type, h, beta, label_smoothing))
-
-    return _run(jax.value_and_grad(mean_loss), w0, make_optimizer(optimizer, lr), steps, record_every)
+    data = (x, ch, rj, head.w_ref.astype(w0.dtype), beta, jnp.asarray(label_smoothing, w0.dtype))
+    out = _trajectory(data, w0, _lr(lr, w0.dtype), kind="oracle_empirical", static=(("loss_type", loss_type),),
+                      optimizer=optimizer, steps=steps, record_every=record_every)
+    return _recorded(*out, steps, record_every)
 
 
 # -------------------------------------------------------------------------------------------- RLHF
@@ -373,10 +404,10 @@ def rlhf_population_trajectory(dist, *, w_ref, reward, beta, w_init=None, lr=0.1
     """Population gradient ascent on ``J`` from ``w_init`` (default ``w_ref``): an :class:`OracleTrajectory`
     whose ``loss`` is ``−J`` (docs/theory.md §11.2). Errors as :func:`rlhf_objective`."""
     dist, w0, w_ref, theta, beta, st = _rlhf_prepare(dist, w_init, w_ref, reward, beta, cubature_order)
-    steps, record_every = _schedule(steps, record_every)
-    check_positive("lr", lr)
-    grad_loss = lambda w: (lambda o: (-o[0], -o[2]))(_rlhf_jit(dist, w, w_ref, theta, beta, **st))
-    return _run(grad_loss, w0, make_optimizer(optimizer, lr), steps, record_every)
+    steps, record_every = _schedule(steps, record_every, lr, optimizer)
+    out = _trajectory((dist, w_ref, theta, beta), w0, _lr(lr, w0.dtype), kind="rlhf_population",
+                      static=tuple(sorted(st.items())), optimizer=optimizer, steps=steps, record_every=record_every)
+    return _recorded(*out, steps, record_every)
 
 
 def _reinforce(dist, key, w, w_ref, theta, beta, n, k):
@@ -421,34 +452,38 @@ def reinforce_trajectory(dist, key, *, w_ref, reward, beta, n, rloo_k=1, w_init=
     """Online REINFORCE / RLOO ascent of ``J``: each step draws ``n`` fresh prompts and ``rloo_k`` responses
     each (``key`` split per step) and applies :func:`reinforce_gradient`'s estimate (docs/theory.md §11.2).
 
-    Returns an :class:`OracleTrajectory` whose ``loss`` is minus the step's sample mean of the
-    KL-penalised score ``r − β log(π_W/π_ref)`` (recorded before the update; the last entry repeats
-    the previous one). In expectation over keys it follows :func:`rlhf_population_trajectory` up to
-    ``O(lr² / (n·rloo_k))``. Errors as :func:`reinforce_gradient`, plus ``steps < 0`` / ``record_every < 1``.
+    Returns an :class:`OracleTrajectory` whose ``loss`` at each recorded step is minus the sample mean
+    of the KL-penalised score ``r − β log(π_W/π_ref)`` at the recorded head, from ``n`` prompts of a
+    stream of its own (a noisy estimate of ``−J``). In expectation over keys it follows
+    :func:`rlhf_population_trajectory` up to ``O(lr² / (n·rloo_k))``. Errors as
+    :func:`reinforce_gradient`, plus ``steps`` not a multiple of ``record_every``.
     """
-    import optax
-
     dist, w0, w_ref, theta, beta, _ = _rlhf_prepare(dist, w_init, w_ref, reward, beta, None)
     n = check_int("n", n)
     k = check_int("rloo_k", rloo_k)
-    steps, record_every = _schedule(steps, record_every)
-    check_positive("lr", lr)
+    steps, record_every = _schedule(steps, record_every, lr, optimizer)
+    out = _reinforce_run(dist, key, w0, w_ref, theta, beta, _lr(lr, w0.dtype), n=n, k=k, optimizer=optimizer,
+                         steps=steps, record_every=record_every)
+    return _recorded(*out, steps, record_every)
+
+
+@partial(jax.jit, static_argnames=("n", "k", "optimizer", "steps", "record_every"))
+def _reinforce_run(dist, key, w0, w_ref, theta, beta, lr, *, n, k, optimizer, steps, record_every):
     opt = make_optimizer(optimizer, lr)
+    k_step, k_rec = jax.random.split(key)
 
-    @jax.jit
-    def run(key, w0):
-        def step(carry, kk):
-            w, state = carry
-            score, g = _reinforce(dist, kk, w, w_ref, theta, beta, n, k)
-            upd, state = opt.update(-g, state, w)
-            return (optax.apply_updates(w, upd), state), (w, -score)
+    def step_fn(carry):
+        t, w, state = carry
+        g = _reinforce(dist, jax.random.fold_in(k_step, t), w, w_ref, theta, beta, n, k)[1]
+        upd, state = opt.update(-g, state, w)
+        return t + 1, optax.apply_updates(w, upd), state
 
-        (w, _), (ws, losses) = jax.lax.scan(step, (w0, opt.init(w0)), jax.random.split(key, steps))
-        return jnp.concatenate([ws, w[None]]), jnp.concatenate([losses, losses[-1:]])
+    def record(carry):
+        t, w, _ = carry
+        return w, -_reinforce(dist, jax.random.fold_in(k_rec, t), w, w_ref, theta, beta, n, k)[0]
 
-    ws, losses = run(key, w0)
-    idx = np.unique(np.r_[np.arange(0, steps + 1, record_every), steps])
-    return OracleTrajectory(jnp.asarray(idx), ws[idx], losses[idx])
+    _, (ws, losses) = run_recorded(step_fn, record, (jnp.int32(0), w0, opt.init(w0)), steps, record_every)
+    return ws, losses
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -210,3 +210,14 @@ def test_oracle_labels_keep_with_bradley_terry_probability(x64):
     assert abs(kept.mean() - p.mean()) < 5 * np.sqrt(np.mean(p * (1 - p)) / n)
     assert abs(np.mean(kept * (x[:, 0] > 0)) - np.mean(p * (x[:, 0] > 0))) < 5 / np.sqrt(n)
     assert np.all(ch[kept] == 0) and np.all(rj[kept] == 2) and np.all(ch[~kept] == 2) and np.all(rj[~kept] == 0)
+
+
+def test_trajectories_compile_once_per_shape(x64):
+    """β, lr and the reward are traced: a second run with other values reuses the compiled program."""
+    dist, w_ref, theta = _rlhf_setup(d=2)
+    before = R._trajectory._cache_size()
+    a = R.rlhf_population_trajectory(dist, w_ref=w_ref, reward=theta, beta=2.0, lr=0.5, steps=4)
+    b = R.rlhf_population_trajectory(dist, w_ref=w_ref, reward=0.5 * theta, beta=1.0, lr=0.25, steps=4)
+    assert R._trajectory._cache_size() == before + 1
+    assert not np.allclose(np.asarray(a.w[-1]), np.asarray(b.w[-1]))
+    np.testing.assert_array_equal(np.asarray(a.step), np.arange(5))
