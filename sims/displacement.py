@@ -100,20 +100,21 @@ def config(quick: bool = False) -> dict:
     return cfg
 
 
-def parse_parts(parts) -> tuple:
-    """``None`` (every part), ``"a,b"`` or a sequence of part names → a tuple in :data:`PARTS` order.
+def parse_parts(parts, choices=PARTS) -> tuple:
+    """``None`` (every part), ``"a,b"`` or a sequence of part names → a tuple in ``choices`` order
+    (default this study's :data:`PARTS`; other studies pass theirs).
 
     Raises:
       UsageError: an unknown part (one line, naming the choices).
     """
     if parts is None:
-        return PARTS
-    items = [p.strip().lower() for p in (parts.split(",") if isinstance(parts, str) else parts)]
-    bad = [p for p in items if p not in PARTS]
+        return tuple(choices)
+    items = [str(p).strip().lower() for p in (parts.split(",") if isinstance(parts, str) else parts)]
+    bad = [p for p in items if p not in choices]
     if bad or not items:
-        raise _usage_error(f"--part {parts!r}: unknown part {bad[0] if bad else ''!r}; choose from {list(PARTS)} "
-                           "(comma-separated, e.g. --part a,b)")
-    return tuple(p for p in PARTS if p in items)
+        raise _usage_error(f"--part {parts!r}: unknown part {bad[0] if bad else ''!r}; choose from {list(choices)} "
+                           f"(comma-separated, e.g. --part {','.join(choices[:2])})")
+    return tuple(p for p in choices if p in items)
 
 
 def build_model(cfg: dict):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .displacement import _clean, _plt, learning_times, max_abs_gap
+from .displacement import _clean, _plt, learning_times, max_abs_gap, parse_parts as _parse_parts
 
 __all__ = ["PARTS", "CONFIG", "config", "parse_parts", "crossing_step", "kappa_of", "predicted_order",
            "run_representation"]
@@ -99,14 +99,7 @@ def parse_parts(parts) -> tuple:
     Raises:
       UsageError: an unknown part (one line, naming the choices).
     """
-    if parts is None:
-        return PARTS
-    items = [str(p).strip() for p in (parts.split(",") if isinstance(parts, str) else parts)]
-    bad = [p for p in items if p not in PARTS]
-    if bad or not items:
-        raise _usage_error(f"--part {parts!r}: unknown part {bad[0] if bad else ''!r}; choose from {list(PARTS)} "
-                           "(comma-separated, e.g. --part 1,2)")
-    return tuple(p for p in PARTS if p in items)
+    return _parse_parts(parts, PARTS)
 
 
 # ============================================================================ analysis (pure NumPy)
